@@ -1,0 +1,138 @@
+"""Settings shared by every Kiln model server (pydantic-settings, prefix `KILN_`).
+
+Each server builds its root settings class once in `__main__` and passes parts of it down;
+nothing reads the environment at import time. Environment names nest with `__`:
+`KILN_STORAGE__OUTPUT_DIR`, `KILN_IMG2IMG__SERVER__PORT`, `KILN_IMG2IMG__RUNTIME__DEVICE`.
+A `.env` file in the working directory is read too (the environment wins).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+
+DevicePolicy = Literal["auto", "cuda", "mps", "cpu"]
+CudaDtype = Literal["float16", "bfloat16"]
+
+
+class ServerSettings(BaseModel):
+    """Where a model server listens and how large its messages may be."""
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds; 0.0.0.0 to serve other machines.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
+    metrics_port: int = Field(
+        9091, ge=0, le=65535, description="Prometheus /metrics port on the same host; 0 disables the endpoint."
+    )
+    max_message_bytes: PositiveInt = Field(
+        4 * MiB,
+        description="Cap on any gRPC message sent or received, in bytes; artifacts above it are chunked.",
+    )
+    shutdown_grace_s: PositiveFloat = Field(
+        30.0, description="Seconds in-flight streams may take to finish after SIGTERM before they are cancelled."
+    )
+
+
+class RuntimeSettings(BaseModel):
+    """Device choice and admission limits for the one model a server holds."""
+
+    device: DevicePolicy = Field(
+        "auto", description="auto picks cuda, then mps, then cpu; a named device that is missing is a startup error."
+    )
+    cuda_dtype: CudaDtype = Field("float16", description="Compute dtype on CUDA (MPS and CPU always use float32).")
+    max_concurrency: PositiveInt = Field(1, description="Jobs that run at once on this model.")
+    max_queue: int = Field(8, ge=0, description="Jobs that may wait for a slot; beyond it RESOURCE_EXHAUSTED.")
+    load_on_startup: bool = Field(
+        True, description="Load and warm the model at startup; false loads it on the first request."
+    )
+
+
+class LimitsSettings(BaseModel):
+    """Input size limits checked before any decoding work."""
+
+    max_image_bytes: PositiveInt = Field(20 * MiB, description="Largest encoded input image, in bytes.")
+    max_image_pixels: PositiveInt = Field(
+        4096 * 4096, description="Largest decoded input image, width x height; larger is a decompression bomb."
+    )
+
+
+class FakeProviderSettings(BaseModel):
+    """The deterministic stand-in model used to exercise the whole path without weights."""
+
+    steps: PositiveInt = Field(8, description="Progress steps a fake run reports.")
+    step_delay_s: float = Field(0.01, ge=0, description="Seconds each fake step sleeps.")
+    output_bytes: PositiveInt = Field(
+        64 * 1024, description="Approximate size of the fake artifact in bytes (incompressible content)."
+    )
+    fail_at_step: int = Field(0, ge=0, description="Raise a provider failure at this step (1-based); 0 never fails.")
+    fail_when_prompt_contains: str = Field(
+        "", description="Fail at `fail_at_step` (or step 1) only when the prompt contains this text; empty: always."
+    )
+    load_delay_s: float = Field(0.0, ge=0, description="Seconds the fake model takes to load (health tests).")
+
+
+class StorageSettings(BaseModel):
+    """Where artifacts are written and how clients reach them."""
+
+    data_dir: Path = Field(Path("data"), description="Root for Kiln's files; relative paths are from the cwd.")
+    output_dir: Path | None = Field(None, description="Artifact directory; default <data_dir>/outputs.")
+    public_base_url: str = Field(
+        "", description="If set, artifact URIs are <public_base_url>/<artifact id>; else file:// paths."
+    )
+    max_inline_bytes: PositiveInt = Field(
+        2 * MiB, description="Artifacts up to this size may travel inline in the result message."
+    )
+    retention_hours: PositiveFloat = Field(
+        24.0 * 7, description="Job folders older than this are removed by the periodic cleanup."
+    )
+    cleanup_interval_s: PositiveFloat = Field(3600.0, description="Seconds between cleanup sweeps.")
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return self.output_dir if self.output_dir is not None else self.data_dir / "outputs"
+
+
+class TelemetrySettings(BaseModel):
+    """Logging for the process."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Root log level.")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line; text: for humans.")
+
+
+class ServiceSettings(BaseModel):
+    """Everything one model server needs except its provider's own settings."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings, description="Listening and message caps.")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Device and admission.")
+    limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Input size limits.")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServiceSettings:
+        if self.server.port and self.server.port == self.server.metrics_port:
+            raise ValueError("server.port and server.metrics_port must differ")
+        return self
+
+
+class KilnSettings(BaseSettings):
+    """Root settings shared by both servers; each server subclasses it to add its own section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KILN_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        nested_model_default_partial_update=True,
+    )
+
+    offline: bool = Field(
+        False, description="Never download models (HF_HUB_OFFLINE=1 also turns it on); a missing model fails at startup."
+    )
+    profile: Literal["default", "tiny"] = Field(
+        "default", description="tiny: use the generated tiny test models instead of real weights."
+    )
+    storage: StorageSettings = Field(default_factory=StorageSettings, description="Artifact storage.")
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Logging.")
