@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import filecmp
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -81,11 +80,7 @@ def tree_differences(expected: Path, actual: Path) -> list[str]:
     )
     diffs = [f"missing: {p}" for p in sorted(want - have)]
     diffs += [f"extra: {p}" for p in sorted(have - want)]
-    diffs += [
-        f"changed: {p}"
-        for p in sorted(want & have)
-        if not filecmp.cmp(expected / p, actual / p, shallow=False)
-    ]
+    diffs += [f"changed: {p}" for p in sorted(want & have) if not filecmp.cmp(expected / p, actual / p, shallow=False)]
     return diffs
 
 

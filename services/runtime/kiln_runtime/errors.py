@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 
 @dataclass(frozen=True)
@@ -127,21 +127,30 @@ class ArtifactTooLarge(KilnError):
     reason = "ARTIFACT_TOO_LARGE"
 
 
+class DeadlineExceeded(KilnError):
+    """The caller's deadline passed before the work could start or finish."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class InternalError(KilnError):
+    """An unexpected failure: the message carries only the request id, never internals."""
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"internal error; quote request id {request_id} when reporting it", metadata={"request_id": request_id}
+        )
+
+
 class NotFound(KilnError):
     """A named resource (an artifact) does not exist."""
 
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
-
-
-def internal_error_status(domain: str, request_id: str) -> status_pb2.Status:
-    """The status an unexpected exception becomes: no traceback, just the request id to quote."""
-    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=domain, metadata={"request_id": request_id})
-    return status_pb2.Status(
-        code=code_pb2.INTERNAL,
-        message=f"internal error; quote request id {request_id} when reporting it",
-        details=[_pack(info)],
-    )
 
 
 def _pack(message: object) -> any_pb2.Any:

@@ -8,6 +8,7 @@ A `.env` file in the working directory is read too (the environment wins).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -25,8 +26,9 @@ class ServerSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds; 0.0.0.0 to serve other machines.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
     metrics_port: int = Field(
-        9091, ge=0, le=65535, description="Prometheus /metrics port on the same host; 0 disables the endpoint."
+        9091, ge=0, le=65535, description="Prometheus metrics port on the same host; 0 picks one."
     )
     max_message_bytes: PositiveInt = Field(
         4 * MiB,
@@ -129,10 +131,18 @@ class KilnSettings(BaseSettings):
     )
 
     offline: bool = Field(
-        False, description="Never download models (HF_HUB_OFFLINE=1 also turns it on); a missing model fails at startup."
+        False,
+        description="Never download models (HF_HUB_OFFLINE=1 also turns it on); a missing model fails at startup.",
     )
     profile: Literal["default", "tiny"] = Field(
         "default", description="tiny: use the generated tiny test models instead of real weights."
     )
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Artifact storage.")
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Logging.")
+
+    @model_validator(mode="after")
+    def _honour_hf_offline(self) -> KilnSettings:
+        # Hugging Face users already know HF_HUB_OFFLINE; it means the same thing here.
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+            self.offline = True
+        return self

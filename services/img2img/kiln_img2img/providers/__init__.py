@@ -1,0 +1,17 @@
+"""img2img providers, chosen by `KILN_IMG2IMG__PROVIDER` through this registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kiln_img2img.config import Img2ImgProviderSettings
+from kiln_img2img.providers.base import Img2ImgModel
+from kiln_img2img.providers.fake import FakeImg2ImgProvider
+
+PROVIDERS: dict[str, Callable[[Img2ImgProviderSettings], Img2ImgModel]] = {
+    "fake": lambda settings: FakeImg2ImgProvider(settings.fake),
+}
+
+
+def create_provider(settings: Img2ImgProviderSettings) -> Img2ImgModel:
+    return PROVIDERS[settings.provider](settings)

@@ -1,0 +1,26 @@
+"""Builds the mesh server from settings: provider, runtime, service, servicer."""
+
+from __future__ import annotations
+
+from kiln.mesh.v1 import mesh_service_pb2_grpc as pb_grpc
+from kiln_mesh import SERVICE_NAME
+from kiln_mesh.config import MeshSettings
+from kiln_mesh.providers import create_provider
+from kiln_mesh.service import MeshService
+from kiln_mesh.servicer import MeshServicer
+from kiln_runtime.server import KilnServer, build_runtime
+
+
+def create_server(settings: MeshSettings) -> KilnServer:
+    """Everything wired, nothing bound: call `start()` (tests) or run `serve()` (main)."""
+    provider = create_provider(settings.mesh)
+    runtime = build_runtime(
+        name="mesh", service_full_name=SERVICE_NAME, kiln=settings, settings=settings.mesh, provider=provider
+    )
+    servicer = MeshServicer(MeshService(runtime, provider))
+    return KilnServer(
+        runtime,
+        kiln=settings,
+        service_full_name=SERVICE_NAME,
+        register=lambda server: pb_grpc.add_MeshProviderServicer_to_server(servicer, server),
+    )

@@ -1,0 +1,37 @@
+"""The thin gRPC layer of `kiln.mesh.v1.MeshProvider`: convert, delegate, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from kiln.mesh.v1 import mesh_service_pb2 as pb
+from kiln.mesh.v1 import mesh_service_pb2_grpc as pb_grpc
+from kiln_mesh import convert
+from kiln_mesh.service import MeshService
+from kiln_runtime import convert as common
+
+
+class MeshServicer(pb_grpc.MeshProviderServicer):
+    def __init__(self, service: MeshService) -> None:
+        self.service = service
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        job = convert.job_from_request(request)
+        domain = self.service.runtime.domain
+        async for event in self.service.generate(job, time_remaining=context.time_remaining):
+            yield convert.response(event, domain)
+
+    async def GetInfo(  # noqa: N802 - gRPC method name
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetInfoResponse:
+        runtime = self.service.runtime
+        return pb.GetInfoResponse(
+            model=common.model_info(runtime.manager),
+            limits=common.server_limits(runtime.settings, runtime.admission, runtime.runner.max_inline_bytes),
+            parameters=convert.parameter_ranges(can_bake_texture=False),
+        )

@@ -1,0 +1,56 @@
+"""Decoding untrusted input images safely: size limits before work, clear field errors.
+
+Every failure is an `InvalidArgument` naming the request field, so a person sees what to
+fix (for example "image: 80000000 pixels is more than the 16777216 allowed") rather than a
+decoder traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from kiln_runtime.errors import FieldViolation, InvalidArgument
+
+ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def invalid_image(description: str, field: str = "image") -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field, description)])
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
+    """Decode PNG/JPEG/WebP bytes fully, enforcing the byte and pixel limits first.
+
+    The pixel limit is checked on the header, before any pixel is decoded, so a
+    decompression bomb costs nothing. The whole image is then loaded so that truncated
+    files fail here and not inside a model run.
+    """
+    if not data:
+        raise invalid_image("is empty; send the encoded bytes of a PNG, JPEG or WebP image", field)
+    if len(data) > max_bytes:
+        raise invalid_image(f"is {len(data)} bytes, more than the {max_bytes} allowed", field)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and later errors) on large images; our own limit decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ACCEPTED_FORMATS:
+                raise invalid_image(f"is {image.format or 'an unknown format'}; send PNG, JPEG or WebP", field)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise invalid_image(
+                    f"is {width}x{height} = {width * height} pixels, more than the {max_pixels} allowed", field
+                )
+            image.load()
+    except InvalidArgument:
+        raise
+    except Image.DecompressionBombError:
+        raise invalid_image(f"has far more pixels than the {max_pixels} allowed", field) from None
+    except UnidentifiedImageError:
+        raise invalid_image("is not a PNG, JPEG or WebP image", field) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise invalid_image(f"could not be decoded (truncated or corrupt: {err})", field) from None
+    return image

@@ -1,0 +1,294 @@
+"""Runs one job from admission to result and turns it into a stream of domain events.
+
+The order of a stream is fixed: `AcceptedEvent`, `QueuedEvent`s while waiting, the
+provider's `ProgressEvent`s, `ChunkEvent`s for chunked artifacts, then exactly one
+`ResultEvent` or `ErrorEvent`. Model work runs in a worker thread so the event loop keeps
+answering health checks, GetInfo and metrics. The slot belongs to the worker thread: it is
+released when the work really stops, not when the client goes away, so a cancelled job can
+never oversubscribe the device and a slot can never leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from kiln_runtime.errors import Cancelled, DeadlineExceeded, InternalError, KilnError
+from kiln_runtime.limits import AdmissionController, Slot, Ticket
+from kiln_runtime.provider import ProgressUpdate, RunContext
+from kiln_runtime.storage import ArtifactStore, StoredArtifact, new_job_id
+from kiln_runtime.telemetry.logging import job_id_var, request_id_var
+from kiln_runtime.telemetry.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+PayloadT = TypeVar("PayloadT")
+
+# Room left in every message for the fields around chunk or inline bytes.
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+class Delivery(enum.Enum):
+    """How artifact bytes travel back; mirrors `kiln.common.v1.ArtifactDelivery`."""
+
+    DEFAULT = "default"  # inline if small, else reference only
+    INLINE = "inline"  # inline if small, else chunks
+    CHUNKED = "chunked"
+    REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class ProducedArtifact:
+    """An artifact the work stored, with its bytes still in hand for delivery."""
+
+    stored: StoredArtifact
+    data: bytes
+
+
+@dataclass(frozen=True)
+class JobOutput(Generic[PayloadT]):
+    """What a job's work function returns: a service-specific payload and its artifacts."""
+
+    payload: PayloadT
+    artifacts: Sequence[ProducedArtifact]
+
+
+@dataclass(frozen=True)
+class AcceptedEvent:
+    job_id: str
+    position: int
+
+
+@dataclass(frozen=True)
+class QueuedEvent:
+    position: int
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    update: ProgressUpdate
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class ChunkEvent:
+    artifact_id: str
+    offset: int
+    data: bytes
+    last: bool
+
+
+@dataclass(frozen=True)
+class DeliveredArtifact:
+    stored: StoredArtifact
+    inline_data: bytes = b""
+    chunk_count: int = 0
+
+
+@dataclass(frozen=True)
+class ResultEvent(Generic[PayloadT]):
+    job_id: str
+    payload: PayloadT
+    artifacts: list[DeliveredArtifact]
+    timings: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: KilnError
+
+
+JobEvent = AcceptedEvent | QueuedEvent | ProgressEvent | ChunkEvent | ResultEvent[Any] | ErrorEvent
+Work = Callable[[RunContext], JobOutput[PayloadT]]
+
+_DONE = object()
+
+
+class JobRunner:
+    """Admission, execution off the event loop, progress forwarding, cancellation, delivery."""
+
+    def __init__(
+        self,
+        *,
+        admission: AdmissionController,
+        store: ArtifactStore,
+        metrics: ServiceMetrics,
+        max_message_bytes: int,
+        max_inline_bytes: int,
+    ) -> None:
+        self.admission = admission
+        self.store = store
+        self.metrics = metrics
+        self.chunk_bytes = max(max_message_bytes - MESSAGE_OVERHEAD_BYTES, 16 * 1024)
+        self.max_inline_bytes = min(max_inline_bytes, self.chunk_bytes)
+        # One thread per slot: the admission controller already bounds concurrency.
+        self._executor = ThreadPoolExecutor(max_workers=admission.max_concurrency, thread_name_prefix="kiln-run")
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def run(
+        self,
+        work: Work[PayloadT],
+        *,
+        delivery: Delivery = Delivery.DEFAULT,
+        timings: Sequence[tuple[str, float]] = (),
+        time_remaining: Callable[[], float | None] = lambda: None,
+    ) -> AsyncIterator[JobEvent]:
+        """Admit and run `work`, yielding its events.
+
+        Raises `Overloaded` or `ShuttingDown` before the first event when the job cannot be
+        admitted. After the first event, a failure is yielded as `ErrorEvent` and then raised,
+        so the call ends with the same status. Closing the iterator cancels the job.
+        """
+        ticket = self.admission.admit()  # may raise before anything is sent
+        job_id = new_job_id()
+        job_id_var.set(job_id)
+        self._update_gauges()
+        phases = list(timings)
+        worker_owns_slot = False
+        try:
+            yield AcceptedEvent(job_id=job_id, position=ticket.position)
+            queued_at = time.perf_counter()
+            slot: Slot | None = None
+            async for event_or_slot in self._wait_for_slot(ticket):
+                if isinstance(event_or_slot, QueuedEvent):
+                    yield event_or_slot
+                else:
+                    slot = event_or_slot
+            assert slot is not None
+            phases.append(("queue", time.perf_counter() - queued_at))
+            remaining = time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("the deadline passed while the job waited for a slot")
+            worker_owns_slot = True
+            async for event in self._execute(job_id, slot, work, delivery, phases):
+                yield event
+        except KilnError as err:
+            yield ErrorEvent(err)
+            raise
+        finally:
+            if not worker_owns_slot:  # left while queued or before the run: free the place or slot
+                ticket.abandon()
+            self._update_gauges()
+
+    async def _wait_for_slot(self, ticket: Ticket) -> AsyncIterator[QueuedEvent | Slot]:
+        if ticket.position > 0:
+            yield QueuedEvent(ticket.position, self.admission.eta_for_position(ticket.position))
+        moves: asyncio.Queue[int] = asyncio.Queue()
+        waiter = asyncio.ensure_future(ticket.wait_for_slot(on_position=moves.put_nowait))
+        try:
+            while not waiter.done():
+                next_move = asyncio.ensure_future(moves.get())
+                await asyncio.wait({waiter, next_move}, return_when=asyncio.FIRST_COMPLETED)
+                if next_move.done():
+                    position = next_move.result()
+                    self._update_gauges()
+                    yield QueuedEvent(position, self.admission.eta_for_position(position))
+                else:
+                    next_move.cancel()
+        finally:
+            if not waiter.done():
+                waiter.cancel()  # the client left while queued: give the place up
+        yield waiter.result()
+
+    async def _execute(
+        self,
+        job_id: str,
+        slot: Slot,
+        work: Work[PayloadT],
+        delivery: Delivery,
+        phases: list[tuple[str, float]],
+    ) -> AsyncIterator[JobEvent]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[object] = asyncio.Queue()
+
+        def post(item: object) -> None:
+            # The loop may have closed under a shutdown; then nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, item)
+
+        ctx = RunContext(job_id, report=post)
+        started = time.perf_counter()
+
+        def worker() -> JobOutput[PayloadT]:
+            succeeded = False
+            self.metrics.inflight_runs.inc()
+            try:
+                output = work(ctx)
+                succeeded = True
+                if ctx.cancelled:  # finished just as the client left: store nothing
+                    self.store.delete_job(job_id)
+                return output
+            finally:
+                self.metrics.inflight_runs.dec()
+                slot.release(run_seconds=time.perf_counter() - started if succeeded else None)
+                post(_DONE)
+
+        future = loop.run_in_executor(self._executor, worker)
+        try:
+            while (item := await events.get()) is not _DONE:
+                assert isinstance(item, ProgressUpdate)
+                yield ProgressEvent(item, _eta(started, item.fraction))
+            output = await future
+        except (asyncio.CancelledError, GeneratorExit):
+            ctx.cancel()
+            raise
+        except KilnError as err:
+            if isinstance(err, Cancelled):
+                self.store.delete_job(job_id)
+            raise
+        except Exception as err:
+            request_id = request_id_var.get() or job_id
+            log.exception("job %s failed unexpectedly", job_id)
+            raise InternalError(request_id) from err
+        phases.extend(ctx.timer.phases)
+        phases.append(("run", time.perf_counter() - started))
+        for phase, seconds in ctx.timer.phases:
+            self.metrics.observe_phase(phase, seconds)
+        delivered: list[DeliveredArtifact] = []
+        for artifact in output.artifacts:
+            chunks = self._chunks(artifact, delivery)
+            for chunk in chunks:
+                yield chunk
+            delivered.append(self._delivered(artifact, delivery, len(chunks)))
+        yield ResultEvent(job_id=job_id, payload=output.payload, artifacts=delivered, timings=phases)
+
+    def _inline(self, artifact: ProducedArtifact, delivery: Delivery) -> bool:
+        fits = len(artifact.data) <= self.max_inline_bytes
+        return fits and delivery in (Delivery.DEFAULT, Delivery.INLINE)
+
+    def _chunks(self, artifact: ProducedArtifact, delivery: Delivery) -> list[ChunkEvent]:
+        wants_chunks = delivery is Delivery.CHUNKED or (
+            delivery is Delivery.INLINE and not self._inline(artifact, delivery)
+        )
+        if not wants_chunks:
+            return []
+        data, size, step = artifact.data, len(artifact.data), self.chunk_bytes
+        offsets = range(0, max(size, 1), step)
+        return [
+            ChunkEvent(artifact.stored.id, offset, data[offset : offset + step], offset + step >= size)
+            for offset in offsets
+        ]
+
+    def _delivered(self, artifact: ProducedArtifact, delivery: Delivery, chunk_count: int) -> DeliveredArtifact:
+        inline = artifact.data if self._inline(artifact, delivery) else b""
+        return DeliveredArtifact(artifact.stored, inline_data=inline, chunk_count=chunk_count)
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.admission.queued)
+
+
+def _eta(started: float, fraction: float) -> float | None:
+    if fraction <= 0:
+        return None
+    elapsed = time.perf_counter() - started
+    return max(elapsed / fraction - elapsed, 0.0)

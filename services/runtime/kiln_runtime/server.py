@@ -1,0 +1,201 @@
+"""The gRPC server every Kiln model server runs: one model, its health, reflection, metrics.
+
+`KilnServer` wires the shared pieces around a service's servicer: grpc.aio with explicit
+message caps and `so_reuseport` off (a second process must fail to bind, not share the
+port), the interceptor chain, `grpc.health.v1` driven by the model manager, reflection,
+the Prometheus endpoint, periodic artifact cleanup, and a graceful shutdown: NOT_SERVING
+first, new jobs refused, in-flight streams drained within the grace period, then stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kiln_runtime.jobs import JobRunner
+from kiln_runtime.limits import AdmissionController
+from kiln_runtime.model_manager import ModelManager
+from kiln_runtime.provider import Provider
+from kiln_runtime.settings import KilnSettings, ServiceSettings
+from kiln_runtime.storage import ArtifactStore, LocalArtifactStore
+from kiln_runtime.telemetry.interceptors import (
+    AccessLogMetricsInterceptor,
+    ErrorInterceptor,
+    RequestContextInterceptor,
+)
+from kiln_runtime.telemetry.metrics import ServiceMetrics, start_metrics_server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """The per-model pieces a service and its servicer are built on."""
+
+    name: str
+    domain: str
+    settings: ServiceSettings
+    store: ArtifactStore
+    metrics: ServiceMetrics
+    admission: AdmissionController
+    runner: JobRunner
+    manager: ModelManager
+    health: health.aio.HealthServicer
+
+
+def build_runtime(
+    *,
+    name: str,
+    service_full_name: str,
+    kiln: KilnSettings,
+    settings: ServiceSettings,
+    provider: Provider[Any, Any],
+) -> Runtime:
+    """Build the shared runtime for one model server (no sockets opened yet)."""
+    metrics = ServiceMetrics(name)
+    store = LocalArtifactStore(kiln.storage.resolved_output_dir.resolve(), public_base_url=kiln.storage.public_base_url)
+    admission = AdmissionController(settings.runtime.max_concurrency, settings.runtime.max_queue)
+    runner = JobRunner(
+        admission=admission,
+        store=store,
+        metrics=metrics,
+        max_message_bytes=settings.server.max_message_bytes,
+        max_inline_bytes=kiln.storage.max_inline_bytes,
+    )
+    health_servicer = health.aio.HealthServicer()
+    manager = ModelManager(
+        provider,
+        health_servicer=health_servicer,
+        service_names=[service_full_name],
+        metrics=metrics,
+        load_on_startup=settings.runtime.load_on_startup,
+    )
+    return Runtime(
+        name=name,
+        domain=f"{name}.kiln.dev",
+        settings=settings,
+        store=store,
+        metrics=metrics,
+        admission=admission,
+        runner=runner,
+        manager=manager,
+        health=health_servicer,
+    )
+
+
+class KilnServer:
+    """A started-on-demand grpc.aio server around one `Runtime` and its servicer."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        kiln: KilnSettings,
+        service_full_name: str,
+        register: Callable[[grpc.aio.Server], None],
+    ) -> None:
+        self.runtime = runtime
+        self._kiln = kiln
+        self._service_full_name = service_full_name
+        settings = runtime.settings.server
+        self.server = grpc.aio.server(
+            interceptors=[
+                RequestContextInterceptor(),
+                AccessLogMetricsInterceptor(runtime.metrics),
+                ErrorInterceptor(runtime.domain),
+            ],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
+        )
+        register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(runtime.health, self.server)
+        reflection.enable_server_reflection(
+            [service_full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Bind, start serving (health NOT_SERVING until the model is warm), return the port."""
+        settings = self.runtime.settings.server
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {settings.host}:{settings.port}; is another server using it?")
+        if settings.metrics_enabled:
+            self._metrics_server, self.metrics_port = start_metrics_server(
+                self.runtime.metrics.registry, settings.host, settings.metrics_port
+            )
+        await self.server.start()
+        await self.runtime.manager.start()
+        self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="kiln-storage-cleanup")
+        log.info(
+            "%s serving on %s:%d (metrics on %d)",
+            self._service_full_name,
+            settings.host,
+            self.port,
+            self.metrics_port,
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new jobs, drain within `grace`, then stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.runtime.settings.server.shutdown_grace_s if grace is None else grace
+        log.info("shutting down; draining in-flight jobs for up to %.1f s", grace)
+        await self.runtime.manager.drain()
+        self.runtime.admission.start_draining()
+        await self.server.stop(grace)
+        if self._cleanup_task is not None:
+            self._cleanup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup_task
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self.runtime.runner.shutdown()
+        await self.runtime.manager.close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT start the graceful shutdown once; the process exits after it."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+
+    async def _cleanup_loop(self) -> None:
+        storage = self._kiln.storage
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.runtime.store.cleanup, storage.retention_hours * 3600)
+                if removed:
+                    log.info("storage cleanup removed %d job folder(s)", removed)
+            except Exception:  # a failed sweep must not take the server down; the next one retries
+                log.exception("storage cleanup failed")
+            await asyncio.sleep(storage.cleanup_interval_s)
+
+
+async def serve(server: KilnServer) -> None:
+    """Run a server until SIGTERM/SIGINT has drained it."""
+    server.install_signal_handlers()
+    await server.start()
+    await server.wait_for_termination()

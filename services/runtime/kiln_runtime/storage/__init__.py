@@ -1,0 +1,25 @@
+"""Artifact storage: where job outputs are written and how clients reach them."""
+
+from kiln_runtime.storage.base import (
+    ArtifactNotFound,
+    ArtifactStore,
+    InvalidArtifactId,
+    StoredArtifact,
+    new_job_id,
+    validate_artifact_id,
+    validate_artifact_name,
+    validate_job_id,
+)
+from kiln_runtime.storage.local import LocalArtifactStore
+
+__all__ = [
+    "ArtifactNotFound",
+    "ArtifactStore",
+    "InvalidArtifactId",
+    "LocalArtifactStore",
+    "StoredArtifact",
+    "new_job_id",
+    "validate_artifact_id",
+    "validate_artifact_name",
+    "validate_job_id",
+]

@@ -1,0 +1,112 @@
+"""The artifact store interface, and the id rules every backend shares.
+
+Ids arrive from clients (artifact ids) and become path components, so the rules are strict
+allow-lists: anything not matching them is refused before it reaches a filesystem or a bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+# Crockford base32: no I, L, O, U, so ids survive being read aloud or retyped.
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_JOB_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class InvalidArtifactId(ValueError):
+    """A job id, artifact name or artifact id that could not be safely used as a storage key."""
+
+
+class ArtifactNotFound(LookupError):
+    """The artifact was never committed, or has been deleted or cleaned up."""
+
+
+def new_job_id() -> str:
+    """A fresh ULID-style job id, so that job folders list in creation order."""
+    millis = time.time_ns() // 1_000_000
+    # 48-bit timestamp then 80 random bits: 128 bits in 26 base32 digits, the top 2 always zero.
+    value = (millis & (2**48 - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+    digits = []
+    for _ in range(26):
+        value, digit = divmod(value, 32)
+        digits.append(_CROCKFORD[digit])
+    return "".join(reversed(digits))
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return `job_id` unchanged if it is a well-formed job id; a job id is a directory name."""
+    if not (isinstance(job_id, str) and _JOB_ID.fullmatch(job_id)):
+        raise InvalidArtifactId(f"invalid job id {job_id!r}")
+    return job_id
+
+
+def validate_artifact_name(name: str) -> str:
+    """Return `name` unchanged if it can be a file name inside a job folder on any backend."""
+    # fullmatch (not `$`) so a trailing newline cannot slip through; ".." is refused even
+    # mid-name so no backend ever has to reason about it.
+    if not (isinstance(name, str) and _NAME.fullmatch(name)) or ".." in name:
+        raise InvalidArtifactId(f"invalid artifact name {name!r}")
+    return name
+
+
+def validate_artifact_id(artifact_id: str) -> tuple[str, str]:
+    """Split a client-supplied `<job_id>/<name>` into its parts, refusing anything else."""
+    if not isinstance(artifact_id, str) or artifact_id.count("/") != 1:
+        raise InvalidArtifactId(f"invalid artifact id {artifact_id!r}")
+    job_id, name = artifact_id.split("/")
+    try:
+        return validate_job_id(job_id), validate_artifact_name(name)
+    except InvalidArtifactId:
+        raise InvalidArtifactId(f"invalid artifact id {artifact_id!r}") from None
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """What a store knows about a committed artifact; enough to describe it without reading it."""
+
+    id: str
+    job_id: str
+    name: str
+    media_type: str
+    size_bytes: int
+    sha256: str  # lowercase hex
+    uri: str
+    created_at: float  # unix seconds
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ArtifactStore(Protocol):
+    """Where job outputs live, so servers need not know whether that is a disk or a bucket."""
+
+    def put(
+        self, job_id: str, name: str, data: bytes, *, media_type: str, metadata: Mapping[str, str] | None = None
+    ) -> StoredArtifact:
+        """Store `data` as `<job_id>/<name>` all-or-nothing, replacing any earlier version."""
+        ...
+
+    def get(self, artifact_id: str) -> StoredArtifact:
+        """Describe a committed artifact; raises ArtifactNotFound if there is none."""
+        ...
+
+    def read(self, artifact_id: str) -> bytes:
+        """The artifact's bytes; raises ArtifactNotFound if there is none."""
+        ...
+
+    def delete_job(self, job_id: str) -> None:
+        """Remove every artifact of a job; deleting a job that has none is not an error."""
+        ...
+
+    def cleanup(self, older_than_s: float, *, now: float | None = None) -> int:
+        """Remove jobs untouched for `older_than_s` and stale partial writes; returns jobs removed."""
+        ...
+
+    def uri_for(self, artifact_id: str) -> str:
+        """The URI a client can fetch the artifact from."""
+        ...

@@ -1,0 +1,191 @@
+"""Prometheus metrics for one model server, on that server's own registry.
+
+Each `ServiceMetrics` owns a `CollectorRegistry` instead of using prometheus_client's global
+default: tests start several servers in one process, and registering the same metric name twice
+on the global registry fails (and would mix their numbers).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Final
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Seconds, 1 ms to 10 min: unary calls and health checks sit at the low end, model loads and
+# long generation streams at the high end.
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+
+
+class ServiceMetrics:
+    """The metrics one model server exports, all prefixed `kiln_` and labelled with `service`.
+
+    Metrics with more labels than `service` are the labelled parents (call `.labels(...)`, or use
+    the helpers below); metrics labelled only by `service` are already bound to this service, so
+    callers write `metrics.queue_depth.set(n)`.
+
+    Attributes:
+        service: The server's name, "img2img" or "mesh".
+        registry: The registry every metric below is registered on; serve it with
+            `start_metrics_server`.
+        requests: `kiln_requests_total{service,method,code}`; `code` is the gRPC code name ("OK").
+        latency: `kiln_request_duration_seconds{service,method}`.
+        in_progress: `kiln_requests_in_progress{service,method}`.
+        queue_depth: `kiln_queue_depth{service}`, bound: jobs waiting for a slot.
+        inflight_runs: `kiln_inflight_runs{service}`, bound: jobs running on the model.
+        phase: `kiln_phase_duration_seconds{service,phase}`: time spent in each job phase.
+        model_load: `kiln_model_load_seconds{service}`, bound: how long the last model load took.
+    """
+
+    def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
+        self.service = service
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "kiln_requests",
+            "gRPC calls finished, by method and status code.",
+            ["service", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "kiln_request_duration_seconds",
+            "gRPC call duration in seconds, from the first byte received to the status sent.",
+            ["service", "method"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "kiln_requests_in_progress",
+            "gRPC calls currently being handled.",
+            ["service", "method"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "kiln_queue_depth",
+            "Jobs admitted and waiting for a model slot.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+        self.inflight_runs = Gauge(
+            "kiln_inflight_runs",
+            "Jobs running on the model now.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+        self.phase = Histogram(
+            "kiln_phase_duration_seconds",
+            "Time a job spends in each phase (queue, decode, run, encode, deliver), in seconds.",
+            ["service", "phase"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_load = Gauge(
+            "kiln_model_load_seconds",
+            "Seconds the last model load (including warm-up) took.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        """Record one finished call: count it under its status code and observe its duration.
+
+        Args:
+            method: The RPC's short name, e.g. "Generate".
+            code: The gRPC status code name, e.g. "OK", "INVALID_ARGUMENT".
+            seconds: Wall time the call took.
+        """
+        self.requests.labels(service=self.service, method=method, code=code).inc()
+        self.latency.labels(service=self.service, method=method).observe(seconds)
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        """Record the time one job spent in one phase.
+
+        Args:
+            phase: The phase name, e.g. "queue", "run".
+            seconds: Wall time spent in it.
+        """
+        self.phase.labels(service=self.service, phase=phase).observe(seconds)
+
+    def in_progress_for(self, method: str) -> Gauge:
+        """The in-progress gauge bound to this service and `method` (for `inc()`/`dec()`)."""
+        return self.in_progress.labels(service=self.service, method=method)
+
+
+class MetricsServer:
+    """A running /metrics HTTP endpoint; `close()` (or `shutdown()`) stops it and frees the port.
+
+    Usable as a context manager. Closing twice is harmless.
+    """
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        """The TCP port the endpoint is bound to."""
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving, close the listening socket and wait for the serving thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    shutdown = close
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> tuple[MetricsServer, int]:
+    """Serve `registry` as Prometheus text at http://host:port/metrics from a daemon thread.
+
+    Only `host` is bound (prometheus_client would default to every interface). The caller
+    decides whether to start the endpoint at all; here port 0 means "pick a free port".
+
+    Args:
+        registry: The registry to expose, normally `ServiceMetrics.registry`.
+        host: The address to bind, e.g. "127.0.0.1".
+        port: The TCP port; 0 picks a free one.
+
+    Returns:
+        The running server (close it on shutdown) and the port it is bound to.
+    """
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    metrics_server = MetricsServer(server, thread)
+    return metrics_server, metrics_server.port

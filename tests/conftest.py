@@ -1,0 +1,6 @@
+"""Process-wide test settings: quiet OpenMP spinning on the shared 2-core machines."""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")

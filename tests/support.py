@@ -1,0 +1,68 @@
+"""Helpers shared by the test suites: settings for servers on free loopback ports, images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from kiln_img2img.config import Img2ImgProviderSettings, Img2ImgSettings
+from kiln_mesh.config import MeshProviderSettings, MeshSettings
+from kiln_runtime.settings import (
+    FakeProviderSettings,
+    RuntimeSettings,
+    ServerSettings,
+    StorageSettings,
+)
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), mode: str = "RGB", color: Any = (200, 100, 50)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _server(**server: Any) -> ServerSettings:
+    return ServerSettings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "shutdown_grace_s": 5.0, **server})
+
+
+def img2img_settings(
+    data_dir: Path,
+    *,
+    fake: dict[str, Any] | None = None,
+    runtime: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    storage: dict[str, Any] | None = None,
+) -> Img2ImgSettings:
+    section = Img2ImgProviderSettings(
+        server=_server(**(server or {})),
+        runtime=RuntimeSettings(**(runtime or {})),
+        fake=FakeProviderSettings(**{"step_delay_s": 0.0, **(fake or {})}),
+    )
+    return Img2ImgSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        storage=StorageSettings(data_dir=data_dir, **(storage or {})),
+        img2img=section,
+    )
+
+
+def mesh_settings(
+    data_dir: Path,
+    *,
+    fake: dict[str, Any] | None = None,
+    runtime: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    storage: dict[str, Any] | None = None,
+) -> MeshSettings:
+    section = MeshProviderSettings(
+        server=_server(**(server or {})),
+        runtime=RuntimeSettings(**(runtime or {})),
+        fake=FakeProviderSettings(**{"step_delay_s": 0.0, **(fake or {})}),
+    )
+    return MeshSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        storage=StorageSettings(data_dir=data_dir, **(storage or {})),
+        mesh=section,
+    )
