@@ -12,6 +12,7 @@ from kiln.img2img.v1 import img2img_service_pb2 as img2img
 from kiln.img2img.v1 import img2img_service_pb2_grpc as img2img_grpc
 from kiln_img2img import SERVICE_NAME
 from tests.grpc.conftest import StartServer
+from tests.support import png_bytes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -58,3 +59,19 @@ async def test_unknown_service_name_is_not_found(start_server: StartServer) -> N
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await health.Check(health_pb2.HealthCheckRequest(service="kiln.nope.v1.Nope"))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_answers_while_the_worker_is_busy(start_server: StartServer) -> None:
+    _, channel = await start_server(fake={"steps": 10, "step_delay_s": 0.1, "burn_cpu": True})
+    stub = img2img_grpc.Img2ImgProviderStub(channel)
+    request = img2img.GenerateRequest(
+        image=png_bytes(), prompt="busy", scheduler=img2img.SCHEDULER_EULER, output_format=img2img.IMAGE_FORMAT_PNG
+    )
+    call = stub.Generate(request)
+    await call.read()
+    assert (await call.read()).WhichOneof("event") == "progress"  # the worker is computing now
+    health = health_pb2_grpc.HealthStub(channel)
+    for _ in range(20):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0)
+        assert response.status == SERVING
+    call.cancel()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import time
 
+import numpy as np
+
 from kiln_runtime import __version__
 from kiln_runtime.errors import ProviderFailed
 from kiln_runtime.provider import PreviewImage, ProgressUpdate, ProviderDescription, Reproducibility, RunContext, Stage
@@ -50,11 +52,22 @@ def run_fake_steps(
     fail_at = failing_step(settings, prompt)
     for step in range(1, settings.steps + 1):
         ctx.check_cancelled()
-        time.sleep(settings.step_delay_s)
+        if settings.burn_cpu:
+            _burn(settings.step_delay_s)
+        else:
+            time.sleep(settings.step_delay_s)
         if step == fail_at:
             raise ProviderFailed(f"the fake provider failed at step {step} as configured (fail_at_step)")
         with_preview = preview if preview_every and step % preview_every == 0 else None
         ctx.report(ProgressUpdate(stage, step, settings.steps, step / settings.steps, with_preview))
+
+
+def _burn(seconds: float) -> None:
+    """Keep a core busy for about `seconds` with GIL-releasing matrix work, like a model step."""
+    matrix = np.ones((256, 256), dtype=np.float32)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        matrix = np.tanh(matrix @ matrix / 256.0)
 
 
 def fake_bytes(seed: int, size: int) -> bytes:

@@ -241,6 +241,7 @@ class JobRunner:
             output = await future
         except (asyncio.CancelledError, GeneratorExit):
             ctx.cancel()
+            future.add_done_callback(_log_abandoned_failure)
             raise
         except KilnError as err:
             if isinstance(err, Cancelled):
@@ -285,6 +286,15 @@ class JobRunner:
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(self.admission.queued)
+
+
+def _log_abandoned_failure(future: asyncio.Future[Any]) -> None:
+    """Collect the outcome of a run whose client left; only unexpected failures are worth a log."""
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is not None and not isinstance(error, Cancelled):
+        log.error("a job whose client had left failed", exc_info=error)
 
 
 def _eta(started: float, fraction: float) -> float | None:

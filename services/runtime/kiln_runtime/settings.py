@@ -75,6 +75,9 @@ class FakeProviderSettings(BaseModel):
         "", description="Fail at `fail_at_step` (or step 1) only when the prompt contains this text; empty: always."
     )
     load_delay_s: float = Field(0.0, ge=0, description="Seconds the fake model takes to load (health tests).")
+    burn_cpu: bool = Field(
+        False, description="Spend each step computing (numpy; the GIL is released, as in torch) instead of sleeping."
+    )
 
 
 class StorageSettings(BaseModel):

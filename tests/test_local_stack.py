@@ -1,0 +1,70 @@
+"""`make up` / `make down` through deploy/local_stack.py: both servers SERVING, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "KILN_STORAGE__DATA_DIR": str(tmp_path / "data"),
+        "KILN_IMG2IMG__SERVER__PORT": str(free_port()),
+        "KILN_IMG2IMG__SERVER__METRICS_PORT": str(free_port()),
+        "KILN_MESH__SERVER__PORT": str(free_port()),
+        "KILN_MESH__SERVER__METRICS_PORT": str(free_port()),
+    }
+    launcher = subprocess.Popen(
+        [sys.executable, "deploy/local_stack.py", "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert launcher.stdout is not None
+        lines = []
+        for line in launcher.stdout:
+            lines.append(line)
+            if line.startswith("Try:"):
+                break
+        output = "".join(lines)
+        assert output.count("SERVING") == 2, output
+        run_dir = ROOT / ".kiln" / "run"
+        pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
+        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+
+        down = subprocess.run(
+            [sys.executable, "deploy/local_stack.py", "down"], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert down.returncode == 0, down.stderr
+        assert launcher.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in pids)
+        assert not list(run_dir.glob("*.pid"))
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGINT)
+            launcher.wait(timeout=60)
+        if launcher.stdout is not None:
+            launcher.stdout.close()
