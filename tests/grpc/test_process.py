@@ -111,3 +111,20 @@ async def test_port_in_use_fails_to_start(tmp_path: Path) -> None:
     finally:
         first.terminate()
         await first.wait()
+
+
+async def test_unavailable_device_is_a_startup_error(tmp_path: Path) -> None:
+    environment = {
+        **os.environ,
+        "KILN_STORAGE__DATA_DIR": str(tmp_path),
+        "KILN_IMG2IMG__SERVER__PORT": "0",
+        "KILN_IMG2IMG__SERVER__METRICS_ENABLED": "false",
+        "KILN_IMG2IMG__RUNTIME__DEVICE": "cuda",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kiln_img2img", env=environment, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 2
+    assert b"KILN_IMG2IMG__RUNTIME__DEVICE" in stderr
+    assert b"serving on" not in stderr

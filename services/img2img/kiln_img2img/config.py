@@ -6,13 +6,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from kiln_runtime.settings import FakeProviderSettings, KilnSettings, ServerSettings, ServiceSettings
+from kiln_runtime.settings import FakeProviderSettings, KilnSettings, ModelSettings, ServerSettings, ServiceSettings
 
 
 class Img2ImgProviderSettings(ServiceSettings):
     """Which provider serves img2img and its options."""
 
     provider: Literal["fake"] = Field("fake", description="Provider kind: fake (no model; more come with models).")
+    model: ModelSettings = Field(
+        default_factory=lambda: ModelSettings(id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        description="The weights a local provider loads.",
+    )
     fake: FakeProviderSettings = Field(default_factory=FakeProviderSettings, description="Fake provider options.")
 
 

@@ -8,12 +8,13 @@ from kiln_img2img.config import Img2ImgSettings
 from kiln_img2img.providers import create_provider
 from kiln_img2img.service import Img2ImgService
 from kiln_img2img.servicer import Img2ImgServicer
-from kiln_runtime.server import KilnServer, build_runtime
+from kiln_runtime.server import KilnServer, build_runtime, choose_service_device
 
 
 def create_server(settings: Img2ImgSettings) -> KilnServer:
     """Everything wired, nothing bound: call `start()` (tests) or run `serve()` (main)."""
-    provider = create_provider(settings.img2img)
+    device = choose_service_device("img2img", settings.img2img)
+    provider = create_provider(settings.img2img, device)
     runtime = build_runtime(
         name="img2img", service_full_name=SERVICE_NAME, kiln=settings, settings=settings.img2img, provider=provider
     )

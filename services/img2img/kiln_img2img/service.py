@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,10 +10,9 @@ from PIL import Image
 
 from kiln_img2img.convert import Img2ImgJob, Img2ImgPayload
 from kiln_img2img.providers.base import Img2ImgInput, Img2ImgModel
-from kiln_runtime.images import decode_image
-from kiln_runtime.jobs import JobEvent, JobOutput, ProducedArtifact
+from kiln_runtime.jobs import JobEvent, JobOutput
 from kiln_runtime.provider import RunContext
-from kiln_runtime.server import Runtime
+from kiln_runtime.service import ModelService
 
 # Encoder settings per output format: (Pillow format, media type, extension, save options).
 ENCODINGS: dict[str, tuple[str, str, str, dict[str, object]]] = {
@@ -41,23 +39,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class Img2ImgService:
+class Img2ImgService(ModelService[Img2ImgModel]):
     """Validate → preprocess → run → postprocess for one img2img provider."""
-
-    def __init__(self, runtime: Runtime, provider: Img2ImgModel) -> None:
-        self.runtime = runtime
-        self.provider = provider
 
     async def generate(
         self, job: Img2ImgJob, *, time_remaining: Callable[[], float | None] = lambda: None
     ) -> AsyncIterator[JobEvent]:
         """Stream one job's events; errors before the first event are raised, not yielded."""
-        await self.runtime.manager.ensure_ready()
         started = time.perf_counter()
-        limits = self.runtime.settings.limits
-        decoded = await asyncio.to_thread(
-            decode_image, job.image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
-        )
+        decoded = await self.decode_input(job.image_bytes)
         inputs = Img2ImgInput(
             image=to_rgb(decoded),
             prompt=job.prompt,
@@ -75,17 +65,15 @@ class Img2ImgService:
             output = self.provider.run(inputs, ctx)
             with ctx.phase("encode"):
                 data, media_type, extension = encode_image(output.image, job.output_format)
-            ctx.check_cancelled()  # a cancelled job stores nothing
-            with ctx.phase("store"):
-                stored = self.runtime.store.put(
-                    ctx.job_id,
-                    f"image.{extension}",
-                    data,
-                    media_type=media_type,
-                    metadata={"seed": str(job.seed), "client_request_id": job.client_request_id},
-                )
+            artifact = self.store(
+                ctx,
+                f"image.{extension}",
+                data,
+                media_type=media_type,
+                metadata={"seed": str(job.seed), "client_request_id": job.client_request_id},
+            )
             payload = Img2ImgPayload(job=job, output=output, description=self.provider.describe())
-            return JobOutput(payload=payload, artifacts=[ProducedArtifact(stored, data)])
+            return JobOutput(payload=payload, artifacts=[artifact])
 
         async for event in self.runtime.runner.run(
             work, delivery=job.delivery, timings=[("preprocess", preprocess_s)], time_remaining=time_remaining

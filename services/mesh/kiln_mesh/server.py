@@ -8,12 +8,13 @@ from kiln_mesh.config import MeshSettings
 from kiln_mesh.providers import create_provider
 from kiln_mesh.service import MeshService
 from kiln_mesh.servicer import MeshServicer
-from kiln_runtime.server import KilnServer, build_runtime
+from kiln_runtime.server import KilnServer, build_runtime, choose_service_device
 
 
 def create_server(settings: MeshSettings) -> KilnServer:
     """Everything wired, nothing bound: call `start()` (tests) or run `serve()` (main)."""
-    provider = create_provider(settings.mesh)
+    device = choose_service_device("mesh", settings.mesh)
+    provider = create_provider(settings.mesh, device)
     runtime = build_runtime(
         name="mesh", service_full_name=SERVICE_NAME, kiln=settings, settings=settings.mesh, provider=provider
     )

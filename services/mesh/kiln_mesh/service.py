@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -10,29 +9,20 @@ from kiln_mesh.convert import MeshJob, MeshPayload
 from kiln_mesh.export import EXTENSIONS, MEDIA_TYPES, export_mesh
 from kiln_mesh.mesh import to_y_up
 from kiln_mesh.providers.base import MeshInput, MeshModel
-from kiln_runtime.images import decode_image
-from kiln_runtime.jobs import JobEvent, JobOutput, ProducedArtifact
+from kiln_runtime.jobs import JobEvent, JobOutput
 from kiln_runtime.provider import ProgressUpdate, RunContext, Stage
-from kiln_runtime.server import Runtime
+from kiln_runtime.service import ModelService
 
 
-class MeshService:
+class MeshService(ModelService[MeshModel]):
     """Validate → preprocess → run → export for one mesh provider."""
-
-    def __init__(self, runtime: Runtime, provider: MeshModel) -> None:
-        self.runtime = runtime
-        self.provider = provider
 
     async def generate(
         self, job: MeshJob, *, time_remaining: Callable[[], float | None] = lambda: None
     ) -> AsyncIterator[JobEvent]:
         """Stream one job's events; errors before the first event are raised, not yielded."""
-        await self.runtime.manager.ensure_ready()
         started = time.perf_counter()
-        limits = self.runtime.settings.limits
-        image = await asyncio.to_thread(
-            decode_image, job.image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
-        )
+        image = await self.decode_input(job.image_bytes)
         inputs = MeshInput(
             image=image,
             remove_background=job.remove_background,
@@ -48,17 +38,15 @@ class MeshService:
                 ctx.report(ProgressUpdate(Stage.EXPORT, 0, 0, 0.99))
                 mesh = to_y_up(output.mesh) if job.frame == "Y_UP" else output.mesh
                 data = export_mesh(mesh, job.output_format)
-            ctx.check_cancelled()  # a cancelled job stores nothing
-            with ctx.phase("store"):
-                stored = self.runtime.store.put(
-                    ctx.job_id,
-                    f"mesh.{EXTENSIONS[job.output_format]}",
-                    data,
-                    media_type=MEDIA_TYPES[job.output_format],
-                    metadata={"client_request_id": job.client_request_id},
-                )
+            artifact = self.store(
+                ctx,
+                f"mesh.{EXTENSIONS[job.output_format]}",
+                data,
+                media_type=MEDIA_TYPES[job.output_format],
+                metadata={"client_request_id": job.client_request_id},
+            )
             payload = MeshPayload(job=job, output=output, description=self.provider.describe())
-            return JobOutput(payload=payload, artifacts=[ProducedArtifact(stored, data)])
+            return JobOutput(payload=payload, artifacts=[artifact])
 
         async for event in self.runtime.runner.run(
             work, delivery=job.delivery, timings=[("preprocess", preprocess_s)], time_remaining=time_remaining

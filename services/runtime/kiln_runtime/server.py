@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kiln_runtime.device import DeviceAvailability, DeviceChoice, choose_device, probe_devices
 from kiln_runtime.jobs import JobRunner
 from kiln_runtime.limits import AdmissionController
 from kiln_runtime.model_manager import ModelManager
@@ -50,6 +51,16 @@ class Runtime:
     runner: JobRunner
     manager: ModelManager
     health: health.aio.HealthServicer
+
+
+def choose_service_device(name: str, settings: ServiceSettings) -> DeviceChoice:
+    """Apply the device policy once at startup; a named device that is missing stops the server."""
+    runtime = settings.runtime
+    # Probing imports torch; a CPU-only policy needs no probe.
+    available = DeviceAvailability(cuda=False, mps=False) if runtime.device == "cpu" else probe_devices()
+    choice = choose_device(runtime.device, runtime.cuda_dtype, available, setting_name=f"{name}.runtime.device")
+    log.info("%s device: %s (%s)", name, choice.device, choice.dtype)
+    return choice
 
 
 def build_runtime(

@@ -62,6 +62,13 @@ class LimitsSettings(BaseModel):
     )
 
 
+class ModelSettings(BaseModel):
+    """Which weights a local provider loads; each service sets its own default."""
+
+    id: str = Field("", description="Hub repo id (through the HF cache), a local folder, or a single checkpoint file.")
+    revision: str = Field("", description="Hub revision to pin (branch, tag or commit); empty: the default branch.")
+
+
 class FakeProviderSettings(BaseModel):
     """The deterministic stand-in model used to exercise the whole path without weights."""
 

@@ -7,11 +7,13 @@ from collections.abc import Callable
 from kiln_mesh.config import MeshProviderSettings
 from kiln_mesh.providers.base import MeshModel
 from kiln_mesh.providers.fake import FakeMeshProvider
+from kiln_runtime.device import DeviceChoice
 
-PROVIDERS: dict[str, Callable[[MeshProviderSettings], MeshModel]] = {
-    "fake": lambda settings: FakeMeshProvider(settings.fake),
+PROVIDERS: dict[str, Callable[[MeshProviderSettings, DeviceChoice], MeshModel]] = {
+    # The fake runs no model, so it ignores the device choice.
+    "fake": lambda settings, device: FakeMeshProvider(settings.fake),
 }
 
 
-def create_provider(settings: MeshProviderSettings) -> MeshModel:
-    return PROVIDERS[settings.provider](settings)
+def create_provider(settings: MeshProviderSettings, device: DeviceChoice) -> MeshModel:
+    return PROVIDERS[settings.provider](settings, device)
