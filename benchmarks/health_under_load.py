@@ -45,6 +45,7 @@ async def start_server(data_dir: Path) -> tuple[asyncio.subprocess.Process, int]
         **os.environ,
         "OMP_WAIT_POLICY": "PASSIVE",
         "KILN_STORAGE__DATA_DIR": str(data_dir),
+        "KILN_IMG2IMG__PROVIDER": "fake",
         "KILN_IMG2IMG__SERVER__PORT": "0",
         "KILN_IMG2IMG__SERVER__METRICS_ENABLED": "false",
         "KILN_IMG2IMG__FAKE__STEPS": "20",

@@ -8,17 +8,18 @@ from typing import Any
 
 from PIL import Image
 
-from kiln_img2img.config import Img2ImgProviderSettings, Img2ImgSettings
+from kiln_img2img.config import DiffusersSettings, GeminiSettings, Img2ImgProviderSettings, Img2ImgSettings
 from kiln_mesh.config import MeshProviderSettings, MeshSettings
 from kiln_runtime.settings import (
     FakeProviderSettings,
+    ModelSettings,
     RuntimeSettings,
     ServerSettings,
     StorageSettings,
 )
 
 
-def png_bytes(size: tuple[int, int] = (64, 48), mode: str = "RGB", color: Any = (200, 100, 50)) -> bytes:
+def png_bytes(size: tuple[int, int] = (96, 64), mode: str = "RGB", color: Any = (200, 100, 50)) -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -31,18 +32,28 @@ def _server(**server: Any) -> ServerSettings:
 def img2img_settings(
     data_dir: Path,
     *,
+    provider: str = "fake",
+    model: dict[str, Any] | None = None,
+    diffusers: dict[str, Any] | None = None,
+    gemini: dict[str, Any] | None = None,
     fake: dict[str, Any] | None = None,
     runtime: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     storage: dict[str, Any] | None = None,
+    offline: bool = True,
 ) -> Img2ImgSettings:
     section = Img2ImgProviderSettings(
+        provider=provider,  # type: ignore[arg-type]
+        model=ModelSettings(**(model or {"id": "unused"})),
+        diffusers=DiffusersSettings(**(diffusers or {})),
+        gemini=GeminiSettings(**(gemini or {})),
         server=_server(**(server or {})),
         runtime=RuntimeSettings(**(runtime or {})),
         fake=FakeProviderSettings(**{"step_delay_s": 0.0, **(fake or {})}),
     )
     return Img2ImgSettings(
         _env_file=None,  # type: ignore[call-arg]
+        offline=offline,
         storage=StorageSettings(data_dir=data_dir, **(storage or {})),
         img2img=section,
     )

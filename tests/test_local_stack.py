@@ -31,6 +31,7 @@ def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "KILN_STORAGE__DATA_DIR": str(tmp_path / "data"),
+        "KILN_IMG2IMG__PROVIDER": "fake",
         "KILN_IMG2IMG__SERVER__PORT": str(free_port()),
         "KILN_IMG2IMG__SERVER__METRICS_PORT": str(free_port()),
         "KILN_MESH__SERVER__PORT": str(free_port()),

@@ -16,7 +16,7 @@ from kiln.img2img.v1 import img2img_service_pb2 as img2img
 from kiln.img2img.v1 import img2img_service_pb2_grpc as img2img_grpc
 from kiln.mesh.v1 import mesh_service_pb2 as mesh
 from kiln.mesh.v1 import mesh_service_pb2_grpc as mesh_grpc
-from tests.grpc.conftest import StartServer
+from tests.servers import StartServer
 from tests.support import png_bytes
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.grpc.conftest import StartServer
+from tests.servers import StartServer
 from tests.support import png_bytes
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"

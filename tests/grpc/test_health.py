@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kiln.img2img.v1 import img2img_service_pb2 as img2img
 from kiln.img2img.v1 import img2img_service_pb2_grpc as img2img_grpc
 from kiln_img2img import SERVICE_NAME
-from tests.grpc.conftest import StartServer
+from tests.servers import StartServer
 from tests.support import png_bytes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -26,6 +26,7 @@ async def start_process(tmp_path: Path, **env: str) -> tuple[asyncio.subprocess.
     environment = {
         **os.environ,
         "KILN_STORAGE__DATA_DIR": str(tmp_path),
+        "KILN_IMG2IMG__PROVIDER": "fake",
         "KILN_IMG2IMG__SERVER__PORT": "0",
         "KILN_IMG2IMG__SERVER__METRICS_PORT": "0",
         "KILN_TELEMETRY__LOG_FORMAT": "json",
@@ -99,6 +100,7 @@ async def test_port_in_use_fails_to_start(tmp_path: Path) -> None:
         environment = {
             **os.environ,
             "KILN_STORAGE__DATA_DIR": str(tmp_path / "b"),
+            "KILN_IMG2IMG__PROVIDER": "fake",
             "KILN_IMG2IMG__SERVER__PORT": str(port),
             "KILN_IMG2IMG__SERVER__METRICS_ENABLED": "false",
         }
@@ -117,6 +119,7 @@ async def test_unavailable_device_is_a_startup_error(tmp_path: Path) -> None:
     environment = {
         **os.environ,
         "KILN_STORAGE__DATA_DIR": str(tmp_path),
+        "KILN_IMG2IMG__PROVIDER": "local",
         "KILN_IMG2IMG__SERVER__PORT": "0",
         "KILN_IMG2IMG__SERVER__METRICS_ENABLED": "false",
         "KILN_IMG2IMG__RUNTIME__DEVICE": "cuda",

@@ -2,21 +2,58 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, PositiveFloat, SecretStr
 
 from kiln_runtime.settings import FakeProviderSettings, KilnSettings, ModelSettings, ServerSettings, ServiceSettings
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class DiffusersSettings(BaseModel):
+    """Options of the local Stable Diffusion 1.5 provider (diffusers)."""
+
+    config_dir: Path | None = Field(
+        None,
+        description="Config-only diffusers folder used with a single-file checkpoint (diffusers would go to the hub).",
+    )
+    attention_slicing: bool = Field(False, description="Slice attention to save memory (slower with SDPA).")
+    vae_slicing: bool = Field(False, description="Decode the VAE one image at a time.")
+    vae_tiling: bool = Field(False, description="Decode the VAE in tiles (large outputs; seams may show).")
+    cpu_offload: bool = Field(False, description="Keep modules on the CPU until used (CUDA only; needs accelerate).")
+    max_side: int = Field(768, ge=64, le=2048, description="Inputs larger than this on either side are scaled down.")
+    min_side: int = Field(64, ge=8, le=512, description="Inputs smaller than this on either side are rejected.")
+
+
+class GeminiSettings(BaseModel):
+    """Options of the Gemini ("Nano Banana") vendor provider."""
+
+    api_key: SecretStr = Field(SecretStr(""), description="Gemini API key (sent as x-goog-api-key; never logged).")
+    base_url: str = Field(
+        "https://generativelanguage.googleapis.com/v1beta", description="API root; tests point it at a stand-in."
+    )
+    model: str = Field("gemini-2.5-flash-image", description="Gemini image model to call.")
+    timeout_s: PositiveFloat = Field(120.0, description="Timeout of one HTTP call, in seconds.")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries after a 429 with a retry delay, before giving up.")
+    max_retry_delay_s: PositiveFloat = Field(
+        30.0, description="A 429 asking to wait longer than this is not retried; the client gets RetryInfo."
+    )
 
 
 class Img2ImgProviderSettings(ServiceSettings):
     """Which provider serves img2img and its options."""
 
-    provider: Literal["fake"] = Field("fake", description="Provider kind: fake (no model; more come with models).")
-    model: ModelSettings = Field(
-        default_factory=lambda: ModelSettings(id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
-        description="The weights a local provider loads.",
+    provider: Literal["fake", "local", "gemini"] = Field(
+        "local", description="local: Stable Diffusion 1.5 on diffusers; gemini: the vendor API; fake: no model."
     )
+    model: ModelSettings = Field(
+        default_factory=lambda: ModelSettings(id=DEFAULT_MODEL),
+        description="The weights the local provider loads.",
+    )
+    diffusers: DiffusersSettings = Field(default_factory=DiffusersSettings, description="Local provider options.")
+    gemini: GeminiSettings = Field(default_factory=GeminiSettings, description="Gemini provider options.")
     fake: FakeProviderSettings = Field(default_factory=FakeProviderSettings, description="Fake provider options.")
 
 

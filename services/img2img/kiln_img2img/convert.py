@@ -71,6 +71,11 @@ def job_from_request(request: pb.GenerateRequest) -> Img2ImgJob:
     common.check_range(violations, "strength", strength, STRENGTH)
     common.check_range(violations, "num_inference_steps", steps, STEPS)
     common.check_range(violations, "guidance_scale", guidance, GUIDANCE)
+    if 0 < strength <= 1 and steps >= 1 and int(steps * strength) < 1:
+        # img2img runs int(steps x strength) denoising steps; zero would return noise, not an edit.
+        violations.append(
+            FieldViolation("strength", f"{strength:g} x {steps} steps runs no denoising step; raise either")
+        )
     common.check_range(violations, "preview_every_n_steps", request.preview_every_n_steps, PREVIEW_EVERY)
     common.check_enum(
         violations, "scheduler", request.scheduler, map(pb.Scheduler.Value, SCHEDULERS), "Scheduler", required=True

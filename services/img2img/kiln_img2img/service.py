@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from collections.abc import AsyncIterator, Callable
 
 from PIL import Image
 
+from kiln_img2img.config import DiffusersSettings
 from kiln_img2img.convert import Img2ImgJob, Img2ImgPayload
+from kiln_img2img.preprocess import prepare_image
 from kiln_img2img.providers.base import Img2ImgInput, Img2ImgModel
 from kiln_runtime.jobs import JobEvent, JobOutput
 from kiln_runtime.provider import RunContext
+from kiln_runtime.server import Runtime
 from kiln_runtime.service import ModelService
 
 # Encoder settings per output format: (Pillow format, media type, extension, save options).
@@ -30,17 +34,12 @@ def encode_image(image: Image.Image, output_format: str) -> tuple[bytes, str, st
     return buffer.getvalue(), media_type, extension
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Explicit RGB: alpha is composited on white (models read 4 channels as latents)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 class Img2ImgService(ModelService[Img2ImgModel]):
     """Validate → preprocess → run → postprocess for one img2img provider."""
+
+    def __init__(self, runtime: Runtime, options: DiffusersSettings) -> None:
+        super().__init__(runtime)
+        self.preprocess_options = options
 
     async def generate(
         self, job: Img2ImgJob, *, time_remaining: Callable[[], float | None] = lambda: None
@@ -48,8 +47,10 @@ class Img2ImgService(ModelService[Img2ImgModel]):
         """Stream one job's events; errors before the first event are raised, not yielded."""
         started = time.perf_counter()
         decoded = await self.decode_input(job.image_bytes)
+        options = self.preprocess_options
+        prepared = await asyncio.to_thread(prepare_image, decoded, max_side=options.max_side, min_side=options.min_side)
         inputs = Img2ImgInput(
-            image=to_rgb(decoded),
+            image=prepared.image,
             prompt=job.prompt,
             negative_prompt=job.negative_prompt,
             strength=job.strength,
@@ -62,7 +63,9 @@ class Img2ImgService(ModelService[Img2ImgModel]):
         preprocess_s = time.perf_counter() - started
 
         def work(ctx: RunContext) -> JobOutput[Img2ImgPayload]:
-            output = self.provider.run(inputs, ctx)
+            with self.lease_provider() as provider:
+                output = provider.run(inputs, ctx)
+                description = provider.describe()
             with ctx.phase("encode"):
                 data, media_type, extension = encode_image(output.image, job.output_format)
             artifact = self.store(
@@ -72,7 +75,7 @@ class Img2ImgService(ModelService[Img2ImgModel]):
                 media_type=media_type,
                 metadata={"seed": str(job.seed), "client_request_id": job.client_request_id},
             )
-            payload = Img2ImgPayload(job=job, output=output, description=self.provider.describe())
+            payload = Img2ImgPayload(job=job, output=output, description=description)
             return JobOutput(payload=payload, artifacts=[artifact])
 
         async for event in self.runtime.runner.run(

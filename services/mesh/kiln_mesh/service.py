@@ -33,7 +33,9 @@ class MeshService(ModelService[MeshModel]):
         preprocess_s = time.perf_counter() - started
 
         def work(ctx: RunContext) -> JobOutput[MeshPayload]:
-            output = self.provider.run(inputs, ctx)
+            with self.lease_provider() as provider:
+                output = provider.run(inputs, ctx)
+                description = provider.describe()
             with ctx.phase("export"):
                 ctx.report(ProgressUpdate(Stage.EXPORT, 0, 0, 0.99))
                 mesh = to_y_up(output.mesh) if job.frame == "Y_UP" else output.mesh
@@ -45,7 +47,7 @@ class MeshService(ModelService[MeshModel]):
                 media_type=MEDIA_TYPES[job.output_format],
                 metadata={"client_request_id": job.client_request_id},
             )
-            payload = MeshPayload(job=job, output=output, description=self.provider.describe())
+            payload = MeshPayload(job=job, output=output, description=description)
             return JobOutput(payload=payload, artifacts=[artifact])
 
         async for event in self.runtime.runner.run(

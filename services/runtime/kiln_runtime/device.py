@@ -43,6 +43,10 @@ class DeviceChoice:
     dtype: DtypeName
 
 
+# What providers that run no model here (the fake, vendor APIs) report.
+CPU = DeviceChoice("cpu", "float32")
+
+
 class DeviceUnavailable(RuntimeError):
     """A device was named explicitly in the settings but this machine does not have it."""
 

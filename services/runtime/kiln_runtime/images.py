@@ -36,6 +36,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
         with warnings.catch_warnings():
             # Pillow warns (and later errors) on large images; our own limit decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # A damaged EXIF block does not make the pixels unusable; orientation is then ignored.
+            warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
             image = Image.open(io.BytesIO(data))
             if image.format not in ACCEPTED_FORMATS:
                 raise invalid_image(f"is {image.format or 'an unknown format'}; send PNG, JPEG or WebP", field)

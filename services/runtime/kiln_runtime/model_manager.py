@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from grpc_health.v1 import health, health_pb2
@@ -58,9 +60,65 @@ class ModelManager:
         self.readiness = Readiness.LOADING
         self.reason = "the model is loading"
         self._task: asyncio.Task[None] | None = None
+        # Jobs lease the provider they start with, so a reload never swaps it under them;
+        # a replaced provider is closed when its last lease ends.
+        self._leases: dict[int, int] = {}
+        self._retired: dict[int, Provider[Any, Any]] = {}
+        self._lease_lock = threading.Lock()
 
     def describe(self) -> ProviderDescription:
         return self.provider.describe()
+
+    @contextmanager
+    def lease(self) -> Iterator[Provider[Any, Any]]:
+        """The current provider, kept open for the duration of one job (any thread)."""
+        with self._lease_lock:
+            provider = self.provider
+            self._leases[id(provider)] = self._leases.get(id(provider), 0) + 1
+        try:
+            yield provider
+        finally:
+            with self._lease_lock:
+                remaining = self._leases[id(provider)] - 1
+                self._leases[id(provider)] = remaining
+                retired = self._retired.pop(id(provider), None) if remaining == 0 else None
+            if retired is not None:
+                retired.close()
+
+    async def reload(self, create: Callable[[], Provider[Any, Any]]) -> bool:
+        """Load a new provider beside the current one, then swap; in-flight jobs keep the old one.
+
+        On failure the current provider keeps serving and the reason is reported in GetInfo.
+        """
+        async with self._lock:
+            started = time.perf_counter()
+            try:
+                replacement = await asyncio.to_thread(create)
+                await asyncio.to_thread(replacement.load)
+                await asyncio.to_thread(replacement.warmup)
+            except Exception as err:  # a bad new model must not take the running one down
+                log.error("reload failed; still serving the previous model: %s", err, exc_info=True)
+                self.reason = f"the last reload failed: {err}"
+                return False
+            with self._lease_lock:
+                previous, self.provider = self.provider, replacement
+                idle = self._leases.get(id(previous), 0) == 0
+                if not idle:
+                    self._retired[id(previous)] = previous
+            if idle and self._loaded:
+                await asyncio.to_thread(previous.close)
+            self._loaded = True
+            if self.readiness is not Readiness.DRAINING:
+                self.readiness, self.reason = Readiness.READY, ""
+                await self._publish(SERVING)
+            description = replacement.describe()
+            log.info(
+                "reloaded in %.2f s: now %s (revision %s)",
+                time.perf_counter() - started,
+                description.model_id,
+                description.model_revision or "-",
+            )
+            return True
 
     async def start(self) -> None:
         """Begin loading (or, when lazy, report SERVING at once) without blocking the caller."""

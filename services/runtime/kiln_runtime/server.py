@@ -113,8 +113,10 @@ class KilnServer:
         kiln: KilnSettings,
         service_full_name: str,
         register: Callable[[grpc.aio.Server], None],
+        reload_provider: Callable[[], Provider[Any, Any]] | None = None,
     ) -> None:
         self.runtime = runtime
+        self._reload_provider = reload_provider
         self._kiln = kiln
         self._service_full_name = service_full_name
         settings = runtime.settings.server
@@ -187,11 +189,20 @@ class KilnServer:
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
 
+    async def reload(self) -> bool:
+        """Swap in the model the settings name now, without dropping in-flight streams."""
+        if self._reload_provider is None:
+            log.warning("this server has no reload; ignoring the request")
+            return False
+        log.info("reloading the model")
+        return await self.runtime.manager.reload(self._reload_provider)
+
     def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT start the graceful shutdown once; the process exits after it."""
+        """SIGTERM and SIGINT start the graceful shutdown once; SIGHUP reloads the model."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
 
     async def _cleanup_loop(self) -> None:
         storage = self._kiln.storage

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Generic, TypeVar
+from contextlib import AbstractContextManager
+from typing import Generic, TypeVar, cast
 
 from PIL import Image
 
@@ -19,9 +20,12 @@ ProviderT = TypeVar("ProviderT")
 class ModelService(Generic[ProviderT]):
     """Readiness, input decoding, storing and streaming, shared by the img2img and mesh services."""
 
-    def __init__(self, runtime: Runtime, provider: ProviderT) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.provider = provider
+
+    def lease_provider(self) -> AbstractContextManager[ProviderT]:
+        """The model for one job; a reload while it runs does not swap it out (worker thread)."""
+        return cast(AbstractContextManager[ProviderT], self.runtime.manager.lease())
 
     async def decode_input(self, data: bytes) -> Image.Image:
         """Refuse work until the model is ready, then decode the input image off the loop."""

@@ -67,6 +67,9 @@ class ModelSettings(BaseModel):
 
     id: str = Field("", description="Hub repo id (through the HF cache), a local folder, or a single checkpoint file.")
     revision: str = Field("", description="Hub revision to pin (branch, tag or commit); empty: the default branch.")
+    cache_dir: Path | None = Field(
+        None, description="Hugging Face cache folder for hub ids; default HF_HUB_CACHE, else HF_HOME/hub."
+    )
 
 
 class FakeProviderSettings(BaseModel):

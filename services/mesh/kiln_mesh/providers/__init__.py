@@ -15,5 +15,9 @@ PROVIDERS: dict[str, Callable[[MeshProviderSettings, DeviceChoice], MeshModel]] 
 }
 
 
+# Providers that run a model here and so need the device policy applied at startup.
+RUNS_LOCALLY: frozenset[str] = frozenset()
+
+
 def create_provider(settings: MeshProviderSettings, device: DeviceChoice) -> MeshModel:
     return PROVIDERS[settings.provider](settings, device)

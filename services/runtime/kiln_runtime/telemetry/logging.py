@@ -8,8 +8,10 @@ pass them along. Call `configure_logging` once, early in `__main__`.
 from __future__ import annotations
 
 import contextvars
+import importlib
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -143,3 +145,21 @@ def redact(value: str) -> str:
         "****" + the last 4 characters when `value` has more than 8 characters, else "****".
     """
     return "****" + value[-4:] if len(value) > 8 else "****"
+
+
+def adopt_library_logging() -> None:
+    """Route diffusers' and transformers' logs through our handler and silence their progress bars.
+
+    Both libraries install their own stderr handler and stop propagation, and draw tqdm bars
+    while loading; a server's log must stay one JSON object per line. Call this before the
+    libraries' heavier modules are imported, since some messages are emitted at import time.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("diffusers", "transformers"):
+        try:
+            library = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()

@@ -1,4 +1,5 @@
-"""Real grpc.aio servers on free loopback ports, built by the production `create_server`."""
+"""The `start_server` fixture: real grpc.aio servers on free loopback ports, built by the production
+`create_server`, stopped at teardown."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Test helpers that build real-shaped models offline (no hub access)."""
