@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,11 +29,14 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("profile", ["fake", "tiny"])
+def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
+    # "fake": both servers on the fake provider; "tiny": KILN_PROFILE=tiny runs img2img on the tiny SD model.
+    chosen = {"KILN_PROFILE": "tiny"} if profile == "tiny" else {"KILN_IMG2IMG__PROVIDER": "fake"}
     env = {
         **os.environ,
+        **chosen,
         "KILN_STORAGE__DATA_DIR": str(tmp_path / "data"),
-        "KILN_IMG2IMG__PROVIDER": "fake",
         "KILN_IMG2IMG__SERVER__PORT": str(free_port()),
         "KILN_IMG2IMG__SERVER__METRICS_PORT": str(free_port()),
         "KILN_MESH__SERVER__PORT": str(free_port()),
@@ -49,6 +54,7 @@ def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
                 break
         output = "".join(lines)
         assert output.count("SERVING") == 2, output
+        assert ("tiny models" in output) is (profile == "tiny")
         run_dir = ROOT / ".kiln" / "run"
         pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
         assert len(pids) == 3 and all(alive(pid) for pid in pids)

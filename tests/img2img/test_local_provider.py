@@ -249,3 +249,12 @@ async def test_rgba_input_and_long_prompt(start_server: StartServer, tiny: TinyM
     assert result.parameters.prompt_truncated is True
     short = (await events_of(stub.Generate(request())))[-1].result
     assert short.parameters.prompt_truncated is False
+
+
+async def test_two_concurrent_runs_match_sequential_runs(start_server: StartServer, tiny: TinyModels) -> None:
+    # One pipeline shared by two threads silently corrupts both results; each run owns its scheduler.
+    _, stub = await local_server(start_server, str(tiny.diffusers_dir), runtime={"max_concurrency": 2})
+    sequential = [(await events_of(stub.Generate(request(seed=s, num_inference_steps=6))))[-1] for s in (1, 2)]
+    together = await asyncio.gather(*(events_of(stub.Generate(request(seed=s, num_inference_steps=6))) for s in (1, 2)))
+    assert all(events[0].accepted.queue_position == 0 for events in together)
+    assert [e[-1].result.artifacts[0].sha256 for e in together] == [e.result.artifacts[0].sha256 for e in sequential]
