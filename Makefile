@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	# torch first and pinned, so that nothing later can pull another (multi-GB) build.
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev]'
+	# rembg's first import JIT-compiles pymatting (about a minute): pay it here, not in a request.
+	$(PY) -c "import rembg"
 	touch $@
 
 node_modules/.package-lock.json: package.json package-lock.json

@@ -126,10 +126,19 @@ def alive(pid: int) -> bool:
 def tiny_profile() -> dict[str, str]:
     """Settings that run every model on the generated tiny test models (no downloads)."""
     from kiln_img2img.testing.tiny_models import default_root, ensure_tiny_models
+    from kiln_mesh.testing.assets import ensure_tiny_mesh_models
 
     print("KILN_PROFILE=tiny: using the generated tiny models (generating them once if needed)")
     tiny = ensure_tiny_models(default_root())
-    return {"KILN_IMG2IMG__PROVIDER": "local", "KILN_IMG2IMG__MODEL__ID": str(tiny.diffusers_dir), "KILN_OFFLINE": "1"}
+    mesh = ensure_tiny_mesh_models()
+    return {
+        "KILN_OFFLINE": "1",
+        "KILN_IMG2IMG__PROVIDER": "local",
+        "KILN_IMG2IMG__MODEL__ID": str(tiny.diffusers_dir),
+        "KILN_MESH__PROVIDER": "local",
+        "KILN_MESH__MODEL__ID": str(mesh.triposr_dir),
+        "KILN_MESH__TRIPOSR__REMBG_MODEL_PATH": str(mesh.u2net_path),
+    }
 
 
 def up() -> int:

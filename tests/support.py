@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from kiln_img2img.config import DiffusersSettings, GeminiSettings, Img2ImgProviderSettings, Img2ImgSettings
-from kiln_mesh.config import MeshProviderSettings, MeshSettings
+from kiln_mesh.config import MeshProviderSettings, MeshSettings, StableFast3DSettings, TripoSRSettings
 from kiln_runtime.settings import (
     FakeProviderSettings,
     ModelSettings,
@@ -62,18 +62,28 @@ def img2img_settings(
 def mesh_settings(
     data_dir: Path,
     *,
+    provider: str = "fake",
+    model: dict[str, Any] | None = None,
+    triposr: dict[str, Any] | None = None,
+    stable_fast_3d: dict[str, Any] | None = None,
     fake: dict[str, Any] | None = None,
     runtime: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     storage: dict[str, Any] | None = None,
+    offline: bool = True,
 ) -> MeshSettings:
     section = MeshProviderSettings(
+        provider=provider,  # type: ignore[arg-type]
+        model=ModelSettings(**(model or {"id": "unused"})),
+        triposr=TripoSRSettings(**(triposr or {})),
+        stable_fast_3d=StableFast3DSettings(**(stable_fast_3d or {})),
         server=_server(**(server or {})),
         runtime=RuntimeSettings(**(runtime or {})),
         fake=FakeProviderSettings(**{"step_delay_s": 0.0, **(fake or {})}),
     )
     return MeshSettings(
         _env_file=None,  # type: ignore[call-arg]
+        offline=offline,
         storage=StorageSettings(data_dir=data_dir, **(storage or {})),
         mesh=section,
     )

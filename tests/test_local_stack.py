@@ -32,7 +32,8 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("profile", ["fake", "tiny"])
 def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
     # "fake": both servers on the fake provider; "tiny": KILN_PROFILE=tiny runs img2img on the tiny SD model.
-    chosen = {"KILN_PROFILE": "tiny"} if profile == "tiny" else {"KILN_IMG2IMG__PROVIDER": "fake"}
+    fake = {"KILN_IMG2IMG__PROVIDER": "fake", "KILN_MESH__PROVIDER": "fake"}
+    chosen = {"KILN_PROFILE": "tiny"} if profile == "tiny" else fake
     env = {
         **os.environ,
         **chosen,

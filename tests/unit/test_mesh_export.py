@@ -167,8 +167,8 @@ def test_native_to_y_up_is_a_proper_rotation() -> None:
 def test_to_y_up_maps_a_known_point_as_documented() -> None:
     vertices = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=np.float32)
     mesh = to_y_up(Mesh(**_tri(vertices=vertices)))
-    # (x, y, z) -> (y, z, x): native up (+Z) becomes +Y, native forward (+X) becomes +Z.
-    np.testing.assert_array_equal(mesh.vertices, [[2.0, 3.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    # (x, y, z) -> (-y, z, -x), the reference app's rotation: native up (+Z) becomes +Y.
+    np.testing.assert_array_equal(mesh.vertices, [[-2.0, 3.0, -1.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]])
 
 
 def test_to_y_up_keeps_winding_outward_and_colours() -> None:

@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr
 
 from kiln_runtime.settings import FakeProviderSettings, KilnSettings, ModelSettings, ServerSettings, ServiceSettings
+
+DEFAULT_MODEL = "stabilityai/TripoSR"
+
+
+class TripoSRSettings(BaseModel):
+    """Options of the local TripoSR provider."""
+
+    chunk_size: PositiveInt = Field(
+        65536, description="Grid points per density query; bounds memory at resolutions 256-512."
+    )
+    rembg_model: str = Field("u2net", description="rembg session name used to remove backgrounds.")
+    rembg_model_path: Path | None = Field(
+        None, description="A u2net-compatible ONNX file to use instead of rembg's home (offline installs, tests)."
+    )
+
+
+class StableFast3DSettings(BaseModel):
+    """Options of the Stability AI Stable Fast 3D vendor provider."""
+
+    api_key: SecretStr = Field(SecretStr(""), description="Stability API key (sent as a bearer token; never logged).")
+    base_url: str = Field("https://api.stability.ai", description="API root; tests point it at a stand-in.")
+    timeout_s: PositiveFloat = Field(120.0, description="Timeout of one HTTP call, in seconds.")
 
 
 class MeshProviderSettings(ServiceSettings):
     """Which provider serves image-to-mesh and its options."""
 
-    provider: Literal["fake"] = Field("fake", description="Provider kind: fake (no model; more come with models).")
+    provider: Literal["fake", "local", "stable_fast_3d"] = Field(
+        "local", description="local: TripoSR here; stable_fast_3d: the Stability vendor API; fake: no model."
+    )
     model: ModelSettings = Field(
-        default_factory=lambda: ModelSettings(id="stabilityai/TripoSR"),
-        description="The weights a local provider loads.",
+        default_factory=lambda: ModelSettings(id=DEFAULT_MODEL),
+        description="The TripoSR weights (config.yaml + model.ckpt) the local provider loads.",
+    )
+    triposr: TripoSRSettings = Field(default_factory=TripoSRSettings, description="Local provider options.")
+    stable_fast_3d: StableFast3DSettings = Field(
+        default_factory=StableFast3DSettings, description="Stable Fast 3D provider options."
     )
     fake: FakeProviderSettings = Field(default_factory=FakeProviderSettings, description="Fake provider options.")
 

@@ -129,8 +129,8 @@ def result(event: ResultEvent[MeshPayload]) -> pb.Result:
         parameters=parameters,
         provenance=common.provenance(payload.description),
         timings=common.timings(event.timings),
-        vertex_count=output.mesh.vertex_count,
-        face_count=output.mesh.face_count,
+        vertex_count=output.vertex_count,
+        face_count=output.face_count,
     )
 
 

@@ -8,31 +8,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
-__all__ = ["NATIVE_TO_Y_UP", "Mesh", "to_y_up", "transform", "uv_sphere"]
+__all__ = ["NATIVE_TO_Y_UP", "Mesh", "TexturedMesh", "to_y_up", "transform", "transform_textured", "uv_sphere"]
 
 # Face indices may arrive as int64 (numpy's default, marching cubes) or uint32 (GPU-friendly).
 _FACE_DTYPES: Final = (np.dtype(np.int64), np.dtype(np.uint32))
 
 # TripoSR's native frame -> the Y-up glTF frame of the reference app, as a matrix applied to
-# column vectors (p_y_up = NATIVE_TO_Y_UP @ p_native):
+# column vectors (p_y_up = NATIVE_TO_Y_UP @ p_native). The reference Gradio app rotates -90
+# degrees about X, then +90 degrees about Y, before exporting; combined:
 #
-#     [x']   [0 1 0] [x]   [y]
-#     [y'] = [0 0 1] [y] = [z]      native Z-up becomes Y-up,
-#     [z']   [1 0 0] [z]   [x]      native X-forward becomes Z-forward (toward the glTF viewer).
+#     [x']   [ 0 -1  0] [x]   [-y]
+#     [y'] = [ 0  0  1] [y] = [ z]      native Z-up becomes Y-up,
+#     [z']   [-1  0  0] [z]   [-x]      native X ("back") becomes -Z.
 #
-# A cyclic permutation of the axes: a proper rotation (det +1), so triangles keep their
-# counter-clockwise = outward winding. `transform` flips the winding if this is ever replaced by
-# an improper matrix (det -1, a mirror), so it stays outward either way.
+# A proper rotation (det +1), so triangles keep their counter-clockwise = outward winding.
+# `transform` flips the winding if this is ever replaced by an improper matrix (det -1, a
+# mirror), so it stays outward either way.
 NATIVE_TO_Y_UP: Final[npt.NDArray[np.float64]] = np.array(
     [
-        [0.0, 1.0, 0.0],
+        [0.0, -1.0, 0.0],
         [0.0, 0.0, 1.0],
-        [1.0, 0.0, 0.0],
+        [-1.0, 0.0, 0.0],
     ],
     dtype=np.float64,
 )
@@ -164,6 +166,38 @@ def uv_sphere(
     return Mesh(vertices=vertices, faces=faces, vertex_colors=colors)
 
 
+@dataclass(frozen=True, eq=False)
+class TexturedMesh:
+    """A triangle mesh whose colour lives in a UV-mapped texture image (texture baking).
+
+    Vertices are split along UV seams, so `uvs` has one row per vertex. UV (0, 0) is the
+    texture's top-left corner, as glTF defines it.
+    """
+
+    vertices: npt.NDArray[np.float32]  # (N, 3)
+    faces: npt.NDArray[Any]  # (M, 3), counter-clockwise = outward
+    uvs: npt.NDArray[np.float32]  # (N, 2) in [0, 1]
+    texture: Image.Image  # RGB or RGBA
+
+    def __post_init__(self) -> None:
+        if self.uvs.shape != (len(self.vertices), 2):
+            raise ValueError(f"uvs must have shape ({len(self.vertices)}, 2), got {self.uvs.shape}")
+        # The geometry rules are Mesh's: reuse them with placeholder colours.
+        Mesh(
+            vertices=self.vertices,
+            faces=self.faces,
+            vertex_colors=np.zeros((len(self.vertices), 3), dtype=np.uint8),
+        )
+
+    @property
+    def vertex_count(self) -> int:
+        return len(self.vertices)
+
+    @property
+    def face_count(self) -> int:
+        return len(self.faces)
+
+
 def transform(mesh: Mesh, matrix: npt.ArrayLike) -> Mesh:
     """Apply a linear 3x3 map to the vertices, keeping the winding outward.
 
@@ -193,12 +227,21 @@ def transform(mesh: Mesh, matrix: npt.ArrayLike) -> Mesh:
     return Mesh(vertices=vertices, faces=faces, vertex_colors=mesh.vertex_colors)
 
 
+def transform_textured(mesh: TexturedMesh, matrix: npt.ArrayLike) -> TexturedMesh:
+    """`transform` for a textured mesh: same geometry rule, UVs and texture unchanged."""
+    moved = transform(
+        Mesh(vertices=mesh.vertices, faces=mesh.faces, vertex_colors=np.zeros((len(mesh.vertices), 3), np.uint8)),
+        matrix,
+    )
+    return TexturedMesh(vertices=moved.vertices, faces=moved.faces, uvs=mesh.uvs, texture=mesh.texture)
+
+
 def to_y_up(mesh: Mesh) -> Mesh:
     """Convert a mesh from TripoSR's native Z-up frame to the reference app's Y-up glTF frame.
 
-    Applies ``NATIVE_TO_Y_UP``, which maps native ``(x, y, z)`` to ``(y, z, x)``: native +Z (up)
-    becomes +Y, native +X (forward) becomes +Z, native +Y becomes +X. It is a proper rotation
-    (det +1), so winding stays outward.
+    Applies ``NATIVE_TO_Y_UP``, which maps native ``(x, y, z)`` to ``(-y, z, -x)`` as the
+    reference Gradio app does: native +Z (up) becomes +Y, native +X becomes -Z, native +Y becomes
+    -X. It is a proper rotation (det +1), so winding stays outward.
 
     Args:
         mesh: A mesh in the native frame.

@@ -16,7 +16,7 @@ def create_server(settings: MeshSettings) -> KilnServer:
     """Everything wired, nothing bound: call `start()` (tests) or run `serve()` (main)."""
     section = settings.mesh
     device = choose_service_device("mesh", section) if section.provider in RUNS_LOCALLY else CPU
-    provider = create_provider(settings.mesh, device)
+    provider = create_provider(settings, device)
     runtime = build_runtime(
         name="mesh", service_full_name=SERVICE_NAME, kiln=settings, settings=settings.mesh, provider=provider
     )
@@ -26,4 +26,6 @@ def create_server(settings: MeshSettings) -> KilnServer:
         kiln=settings,
         service_full_name=SERVICE_NAME,
         register=lambda server: pb_grpc.add_MeshProviderServicer_to_server(servicer, server),
+        # SIGHUP reads the environment and .env again, so a new model id or revision takes effect.
+        reload_provider=lambda: create_provider(type(settings)(), device),
     )

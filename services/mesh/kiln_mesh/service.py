@@ -7,11 +7,27 @@ from collections.abc import AsyncIterator, Callable
 
 from kiln_mesh.convert import MeshJob, MeshPayload
 from kiln_mesh.export import EXTENSIONS, MEDIA_TYPES, export_mesh
-from kiln_mesh.mesh import to_y_up
-from kiln_mesh.providers.base import MeshInput, MeshModel
+from kiln_mesh.mesh import NATIVE_TO_Y_UP, to_y_up, transform_textured
+from kiln_mesh.providers.base import MeshInput, MeshModel, MeshOutput
 from kiln_runtime.jobs import JobEvent, JobOutput
 from kiln_runtime.provider import ProgressUpdate, RunContext, Stage
 from kiln_runtime.service import ModelService
+
+
+def encode_output(output: MeshOutput, job: MeshJob) -> bytes:
+    """The requested file in the requested frame; a vendor's file passes through unchanged."""
+    if output.encoded is not None:
+        return output.encoded
+    if output.textured is not None:
+        from kiln_mesh.export import export_glb_textured
+
+        textured = output.textured
+        if job.frame == "Y_UP":
+            textured = transform_textured(textured, NATIVE_TO_Y_UP)
+        return export_glb_textured(textured)
+    assert output.mesh is not None
+    mesh = to_y_up(output.mesh) if job.frame == "Y_UP" else output.mesh
+    return export_mesh(mesh, job.output_format)
 
 
 class MeshService(ModelService[MeshModel]):
@@ -29,6 +45,9 @@ class MeshService(ModelService[MeshModel]):
             foreground_ratio=job.foreground_ratio,
             mc_resolution=job.mc_resolution,
             mc_threshold=job.mc_threshold,
+            bake_texture=job.bake_texture,
+            texture_resolution=job.texture_resolution,
+            output_format=job.output_format.name,
         )
         preprocess_s = time.perf_counter() - started
 
@@ -38,8 +57,7 @@ class MeshService(ModelService[MeshModel]):
                 description = provider.describe()
             with ctx.phase("export"):
                 ctx.report(ProgressUpdate(Stage.EXPORT, 0, 0, 0.99))
-                mesh = to_y_up(output.mesh) if job.frame == "Y_UP" else output.mesh
-                data = export_mesh(mesh, job.output_format)
+                data = encode_output(output, job)
             artifact = self.store(
                 ctx,
                 f"mesh.{EXTENSIONS[job.output_format]}",

@@ -33,5 +33,6 @@ class MeshServicer(pb_grpc.MeshProviderServicer):
         return pb.GetInfoResponse(
             model=common.model_info(runtime.manager),
             limits=common.server_limits(runtime.settings, runtime.admission, runtime.runner.max_inline_bytes),
-            parameters=convert.parameter_ranges(can_bake_texture=False),
+            # Only Kiln's own TripoSR bakes textures; vendors and the fake return what they return.
+            parameters=convert.parameter_ranges(can_bake_texture=runtime.manager.describe().kind == "local"),
         )

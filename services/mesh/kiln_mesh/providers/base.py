@@ -7,7 +7,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from kiln_mesh.mesh import Mesh
+from kiln_mesh.mesh import Mesh, TexturedMesh
 from kiln_runtime.provider import Provider
 
 
@@ -20,15 +20,25 @@ class MeshInput:
     foreground_ratio: float
     mc_resolution: int
     mc_threshold: float
-    seed: int = 0
+    bake_texture: bool = False
+    texture_resolution: int = 0
+    output_format: str = "GLB"  # the requested file format; vendors that return files need it
 
 
 @dataclass(frozen=True)
 class MeshOutput:
-    """The reconstructed mesh in the model's native frame."""
+    """The reconstructed mesh in the model's native frame, or a vendor's finished file.
 
-    mesh: Mesh
+    Exactly one of `mesh`, `textured` and `encoded` is set: a vertex-coloured mesh, a mesh with
+    a baked UV texture, or file bytes (GLB) a vendor returned, passed through as they are.
+    """
+
     background_removed: bool
+    mesh: Mesh | None = None
+    textured: TexturedMesh | None = None
+    encoded: bytes | None = None
+    vertex_count: int = 0
+    face_count: int = 0
 
 
 class MeshModel(Provider[MeshInput, MeshOutput], Protocol):

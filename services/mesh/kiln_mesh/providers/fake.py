@@ -36,7 +36,12 @@ class FakeMeshProvider:
         with ctx.phase("extract"):
             run_fake_steps(self.settings, ctx, Stage.EXTRACT)
             mesh = uv_sphere(0.5, self.segments, self.rings)
-        return MeshOutput(mesh=mesh, background_removed=request.remove_background == "ALWAYS")
+        return MeshOutput(
+            background_removed=request.remove_background == "ALWAYS",
+            mesh=mesh,
+            vertex_count=mesh.vertex_count,
+            face_count=mesh.face_count,
+        )
 
     def close(self) -> None:
         pass

@@ -1,0 +1,172 @@
+"""Per-stage time and peak memory of Kiln's TripoSR path on the CPU, against the original's method.
+
+Stages: background removal (rembg, tiny u2net), encode (image -> scene codes), density query on
+the marching-cubes grid at resolutions 128 and 256, marching cubes + merge + colours, export (GLB).
+The baseline, run in the same process on the same weights, is the reference code's way of
+querying the grid: chunks of 8192 points through the full decoder (density and colour) for every
+point. Kiln queries density only, in chunks of 65536. Both give the same volume (checked).
+
+    python benchmarks/mesh_stages.py            # tiny checkpoint (seconds)
+    python benchmarks/mesh_stages.py --full     # plus the published dimensions, random weights (minutes)
+
+Reference timings of the original code on random weights (2 CPU cores), for context:
+image -> scene codes 27-47 s; the 256^3 density query 36 s (chunk 8192).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+import yaml  # type: ignore[import-untyped]
+from PIL import Image, ImageDraw
+
+from kiln_mesh.background import BackgroundRemover
+from kiln_mesh.export import MeshFormat, export_mesh
+from kiln_mesh.extract import density_grid, extract_mesh
+from kiln_mesh.mesh import to_y_up
+from kiln_mesh.preprocess import prepare_mesh_input
+from kiln_mesh.testing.assets import ensure_tiny_mesh_models
+from kiln_mesh.triposr import TripoSR, load_triposr
+from kiln_mesh.triposr.config import parse_triposr_config
+
+PUBLISHED_CONFIG = """
+cond_image_size: 512
+image_tokenizer_cls: tsr.models.tokenizers.image.DINOSingleImageTokenizer
+image_tokenizer:
+  pretrained_model_name_or_path: "facebook/dino-vitb16"
+tokenizer_cls: tsr.models.tokenizers.triplane.Triplane1DTokenizer
+tokenizer:
+  plane_size: 32
+  num_channels: 1024
+backbone_cls: tsr.models.transformer.transformer_1d.Transformer1D
+backbone:
+  in_channels: ${tokenizer.num_channels}
+  num_attention_heads: 16
+  attention_head_dim: 64
+  num_layers: 16
+  cross_attention_dim: 768
+post_processor_cls: tsr.models.network_utils.TriplaneUpsampleNetwork
+post_processor:
+  in_channels: 1024
+  out_channels: 40
+decoder_cls: tsr.models.network_utils.NeRFMLP
+decoder:
+  in_channels: 120
+  n_neurons: 64
+  n_hidden_layers: 9
+  activation: silu
+renderer_cls: tsr.models.nerf_renderer.TriplaneNeRFRenderer
+renderer:
+  radius: 0.87
+  feature_reduction: concat
+  density_activation: exp
+  density_bias: -1.0
+  num_samples_per_ray: 128
+"""
+
+
+def rss_bytes() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def measured(name: str, rows: list[tuple[str, float, float]]) -> Iterator[None]:
+    """Time a stage and sample the process's peak resident memory while it runs."""
+    peak = [rss_bytes()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - started
+        stop.set()
+        sampler.join()
+        rows.append((name, seconds, max(peak[0], rss_bytes()) / 2**30))
+
+
+def reference_density(model: TripoSR, code: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The original's grid query: the whole decoder (density and colour) for every point."""
+    return lambda points: model.query(code, points)[0]
+
+
+def subject() -> Image.Image:
+    image = Image.new("RGB", (256, 256), (12, 12, 12))
+    ImageDraw.Draw(image).ellipse((60, 40, 196, 220), fill=(220, 130, 60))
+    return image
+
+
+def run(model: TripoSR, label: str, remover: Any, *, resolutions: tuple[int, ...], mesh_at: int) -> None:
+    rows: list[tuple[str, float, float]] = []
+    with measured("remove background (u2net tiny)", rows):
+        image, _ = prepare_mesh_input(subject(), mode="AUTO", ratio=0.85, remove=remover)
+    with measured("encode (image -> scene codes)", rows), torch.inference_mode():
+        code = model.encode(model.preprocess([image]))[0]
+    ratios = []
+    for resolution in resolutions:
+        with measured(f"density {resolution}^3, original method (chunk 8192, full decoder)", rows):
+            baseline = density_grid(
+                reference_density(model, code), resolution=resolution, radius=model.radius, chunk_size=8192
+            )
+        with measured(f"density {resolution}^3, Kiln (chunk 65536, density only)", rows):
+            ours = density_grid(
+                lambda p: model.query_density(code, p), resolution=resolution, radius=model.radius, chunk_size=65536
+            )
+        np.testing.assert_allclose(ours, baseline, rtol=1e-5, atol=1e-5)
+        ratios.append((resolution, rows[-2][1] / rows[-1][1]))
+    with measured(f"extract {mesh_at}^3 (density, marching cubes, merge, colours)", rows):
+        mesh = extract_mesh(
+            lambda p: model.query_density(code, p),
+            lambda p: model.query(code, p)[1],
+            resolution=mesh_at,
+            threshold=25.0,
+            radius=model.radius,
+            chunk_size=65536,
+        )
+    with measured("export GLB (Y-up)", rows):
+        data = export_mesh(to_y_up(mesh), MeshFormat.GLB)
+    print(f"\n{label}: {mesh.vertex_count} vertices, {mesh.face_count} faces, GLB {len(data) / 2**20:.1f} MiB")
+    for name, seconds, peak in rows:
+        print(f"  {name:66} {seconds:8.2f} s   peak RSS {peak:5.2f} GiB")
+    for resolution, ratio in ratios:
+        print(f"  density query {resolution}^3: Kiln is {ratio:.2f}x faster than the original method (same volume)")
+
+
+def main(full: bool) -> None:
+    torch.set_num_threads(2)
+    tiny = ensure_tiny_mesh_models()
+    remover = BackgroundRemover(model_path=tiny.u2net_path, offline=True)
+    remover.load()
+    run(load_triposr(tiny.triposr_dir), "tiny checkpoint", remover, resolutions=(128, 256), mesh_at=256)
+    if full:
+        torch.manual_seed(0)
+        config = parse_triposr_config(yaml.safe_load(io.StringIO(PUBLISHED_CONFIG)))
+        model = TripoSR(config).eval()
+        # Random weights make the density field noise; marching cubes on it yields tens of millions of
+        # faces, so the full model is meshed at 128 only, as the issue's reference timings are.
+        run(model, "published dimensions, random weights", remover, resolutions=(128, 256), mesh_at=128)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="also run the published dimensions (minutes)")
+    main(parser.parse_args().full)

@@ -1,0 +1,1 @@
+"""Test support for the mesh service: generated tiny model checkpoints (no downloads)."""
