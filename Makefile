@@ -53,6 +53,7 @@ test: check-gen lint ## Everything CI runs: generated code, lint, the whole test
 bench: setup ## Run the benchmarks (ratios against in-process baselines)
 	$(PY) benchmarks/health_under_load.py
 	$(PY) benchmarks/img2img_overhead.py
+	$(PY) benchmarks/mesh_stages.py
 
 up: setup ## Start the stack in the foreground (Ctrl-C stops it); see README
 	$(PY) deploy/local_stack.py up

@@ -453,3 +453,24 @@ def test_extract_mesh_colours_at_the_vertices() -> None:
 def test_colour_with_wrong_shape_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"expected \(N, 3\)"):
         vertex_colors(lambda p: p[:, 0], np.zeros((4, 3), np.float32), chunk_size=10, device="cpu")
+
+
+def test_slab_density_gives_the_same_mesh_as_the_point_function() -> None:
+    density = sphere_density()
+    resolution = 48
+    axis = torch.linspace(0.0, 1.0, resolution) * (RADIUS - (-RADIUS)) + (-RADIUS)
+    calls: list[tuple[int, int]] = []
+
+    def slab(start: int, stop: int) -> torch.Tensor:
+        calls.append((start, stop))
+        grid = torch.stack(torch.meshgrid(axis[start:stop], axis, axis, indexing="ij"), dim=-1)
+        return density(grid.reshape(-1, 3)).reshape(stop - start, resolution, resolution)
+
+    reports: list[tuple[int, int]] = []
+    common = {"resolution": resolution, "threshold": 25.0, "radius": RADIUS, "chunk_size": 5 * resolution**2}
+    by_points = extract_mesh(density, None, **common)
+    by_slabs = extract_mesh(density, None, slab_density=slab, on_chunk=lambda d, t: reports.append((d, t)), **common)
+    np.testing.assert_array_equal(by_slabs.vertices, by_points.vertices)
+    np.testing.assert_array_equal(by_slabs.faces, by_points.faces)
+    assert calls[0] == (0, 5) and calls[-1] == (45, 48)  # 5 rows per slab: about chunk_size points
+    assert reports[-1] == (11, 11)  # 10 slabs + the meshing step

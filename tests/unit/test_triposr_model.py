@@ -894,3 +894,20 @@ def test_ensure_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("KILN_TINY_MODELS")
     assert default_tiny_root() == REPO_ROOT / ".kiln" / "tiny-triposr"
     assert os.path.isabs(default_tiny_root())
+
+
+@pytest.mark.parametrize("resolution", [17, 40])
+def test_grid_density_equals_the_point_query_on_the_grid(tiny: TripoSR, resolution: int) -> None:
+    pixels = tiny.preprocess([Image.new("RGB", (64, 64), (200, 80, 40))])
+    code = tiny.encode(pixels)[0]
+    r = tiny.radius
+    t = torch.linspace(0.0, 1.0, resolution) * (r - (-r)) + (-r)
+    points = torch.stack(torch.meshgrid(t, t, t, indexing="ij"), dim=-1).reshape(-1, 3)  # (i, j, k) = (x, y, z)
+    expected = tiny.query_density(code, points).reshape(resolution, resolution, resolution)
+    slabs = [
+        tiny.grid_density(code, resolution, start, min(start + 6, resolution)) for start in range(0, resolution, 6)
+    ]
+    got = torch.cat(slabs)
+    # Only the order of the first layer's sum differs: float rounding, nothing more.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert got.shape == (resolution, resolution, resolution)

@@ -11,12 +11,13 @@ extension, the most common install failure of the original (spec 6.1):
    bounded by the chunk size plus the one float32 output volume on the CPU (spec 6.2). On CUDA the
    density queries run on the GPU chunk by chunk and each chunk's result is copied into the CPU
    volume.
-3. Marching cubes on the CPU with PyMCubes (a registry wheel, nothing to compile) on
-   ``density - threshold`` at level 0, like the reference. The volume is not padded, so surfaces
-   that reach the cube boundary stay open. PyMCubes rather than scikit-image: it is classic
-   marching cubes like torchmcubes (scikit-image's default, Lewiner's method, triangulates
-   ambiguous cells differently), it reads the float32 volume without a copy, and it needs nothing
-   but numpy. A torch (GPU) marching cubes is out of scope here.
+3. Marching cubes on ``density - threshold`` at level 0, like the reference. On the CPU with
+   PyMCubes (a registry wheel, nothing to compile); on CUDA with `kiln_mesh.mc_torch`, plain
+   torch whose case table is derived from PyMCubes, so both give the same mesh bit for bit. The
+   volume is not padded, so surfaces that reach the cube boundary stay open. PyMCubes rather
+   than scikit-image: it is classic marching cubes like torchmcubes (scikit-image's default,
+   Lewiner's method, triangulates ambiguous cells differently), it reads the float32 volume
+   without a copy, and it needs nothing but numpy.
 4. Vertices back to world units; triangles counter-clockwise seen from outside, where outside is
    density below the threshold.
 5. trimesh-compatible vertex merging (spec 3.9 step 6).
@@ -38,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from kiln_mesh.mc_torch import marching_cubes_torch
 from kiln_mesh.mesh import Mesh
 
 __all__ = [
@@ -58,6 +60,10 @@ DensityFn = Callable[[torch.Tensor], torch.Tensor]
 ColorFn = Callable[[torch.Tensor], torch.Tensor]
 """Points ``[N, 3]`` float32 on the query device -> RGB ``[N, 3]`` in [0, 1]."""
 ProgressFn = Callable[[int, int], None]
+# (start, stop) -> activated density on grid rows start:stop (x index), shape [stop - start, R, R].
+# Models whose features factor over the grid's axes (TripoSR's triplane) compute this much faster
+# than point by point; the values must equal the point function's at the grid points.
+SlabDensityFn = Callable[[int, int], torch.Tensor]
 """``(chunks_done, chunks_total)``; may raise to cancel, and the exception propagates."""
 
 # trimesh merges vertices whose coordinates agree to tol.merge = 1e-8, i.e. 8 decimals (spec 3.9
@@ -67,6 +73,9 @@ _MERGE_DIGITS: Final = 8
 _GREY: Final = 128
 # Odd 64-bit multipliers for the fast merge key; see _unique_rows.
 _HASH_MULTIPLIERS: Final = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9], dtype=np.uint64)
+# Device types whose marching cubes runs in torch on the device (`kiln_mesh.mc_torch`); elsewhere
+# PyMCubes on the CPU is faster than torch's CPU kernels. Tests add "cpu" to run the torch path.
+_TORCH_MC_DEVICE_TYPES: frozenset[str] = frozenset({"cuda"})
 
 
 class EmptySurface(ValueError):
@@ -148,6 +157,24 @@ def density_grid(
         raise
 
 
+def slab_grid(
+    slab_density: SlabDensityFn, *, resolution: int, rows: int, on_chunk: ProgressFn | None = None
+) -> npt.NDArray[np.float32]:
+    """Fill the (R, R, R) volume `rows` x-rows at a time from a `SlabDensityFn`."""
+    volume = np.empty((resolution, resolution, resolution), dtype=np.float32)
+    total = -(-resolution // rows)
+    with torch.inference_mode():
+        for index, start in enumerate(range(0, resolution, rows), start=1):
+            stop = min(start + rows, resolution)
+            slab = slab_density(start, stop)
+            if tuple(slab.shape) != (stop - start, resolution, resolution):
+                raise ValueError(f"slab density returned {tuple(slab.shape)} for rows {start}:{stop}")
+            volume[start:stop] = slab.float().cpu().numpy()
+            if on_chunk is not None:
+                on_chunk(index, total)
+    return volume
+
+
 def _release_frames(exc: BaseException) -> None:
     """Drop the locals of the finished frames an exception's traceback keeps alive.
 
@@ -220,28 +247,36 @@ def _fill_volume(
 
 
 def marching_cubes(
-    volume: npt.NDArray[np.floating], *, threshold: float, radius: float
+    volume: npt.NDArray[np.floating],
+    *,
+    threshold: float,
+    radius: float,
+    device: str | torch.device | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Extract the iso-surface ``density == threshold`` from a grid volume.
 
-    Uses PyMCubes on the CPU. Checked empirically (and pinned by tests on a sphere and an
-    ellipsoid): PyMCubes returns vertices in array-index units in the array's own axis order
-    (``(i, j, k)``, already TripoSR's ``(x, y, z)``; torchmcubes needed the reversal
-    ``(k, j, i) -> (i, j, k)`` of spec 3.9 step 4, PyMCubes does not), and its triangles are
-    counter-clockwise seen from the side where the value is below the iso-level, which is
-    TripoSR's outside. So no axis swap and no winding flip is needed.
+    Uses PyMCubes on the CPU; on a CUDA ``device``, `kiln_mesh.mc_torch.marching_cubes_torch`
+    on that device, which gives the same world vertices bit for bit and the same faces in the
+    same order (only the vertex numbering differs). Checked empirically (and pinned by tests on
+    a sphere and an ellipsoid): PyMCubes returns vertices in array-index units in the array's
+    own axis order (``(i, j, k)``, already TripoSR's ``(x, y, z)``; torchmcubes needed the
+    reversal ``(k, j, i) -> (i, j, k)`` of spec 3.9 step 4, PyMCubes does not), and its
+    triangles are counter-clockwise seen from the side where the value is below the iso-level,
+    which is TripoSR's outside. So no axis swap and no winding flip is needed.
 
     Args:
         volume: ``(Ri, Rj, Rk)`` densities on the grid of `grid_points` (each axis >= 2); not
             modified.
         threshold: Iso-level; inside is density above it (spec 3.9 step 3).
         radius: Half-size of the cube in world units.
+        device: Where marching cubes runs: a CUDA device runs it there in torch; None or any
+            other device runs PyMCubes on the CPU.
 
     Returns:
-        ``(vertices, faces)``: float32 ``(V, 3)`` world positions in ``(x, y, z)`` and int64
-        ``(F, 3)`` triangles, counter-clockwise seen from outside (normals point from high to low
-        density). Both empty if there is no surface. Surfaces reaching the grid boundary stay
-        open: the volume is not padded (spec 3.9 step 3).
+        ``(vertices, faces)`` as numpy arrays: float32 ``(V, 3)`` world positions in
+        ``(x, y, z)`` and int64 ``(F, 3)`` triangles, counter-clockwise seen from outside
+        (normals point from high to low density). Both empty if there is no surface. Surfaces
+        reaching the grid boundary stay open: the volume is not padded (spec 3.9 step 3).
 
     Raises:
         ValueError: On a bad argument or if the volume contains NaN.
@@ -261,6 +296,8 @@ def marching_cubes(
     # corner instead, which is where an infinitely steep density crosses the threshold.
     big = np.finfo(np.float32).max
     np.clip(level, -big, big, out=level)
+    if device is not None and torch.device(device).type in _TORCH_MC_DEVICE_TYPES:
+        return _marching_cubes_torch(level, radius, torch.device(device))
     raw_vertices, raw_faces = mcubes.marching_cubes(level, 0.0)
     del level
     # Index units -> [0, 1] -> world (spec 3.9 step 4), in float64 with one rounding to float32.
@@ -268,6 +305,19 @@ def marching_cubes(
     vertices = (np.asarray(raw_vertices, dtype=np.float64) / scale * (2.0 * radius) - radius).astype(np.float32)
     faces = np.asarray(raw_faces, dtype=np.int64).reshape(-1, 3)
     return vertices.reshape(-1, 3), faces
+
+
+def _marching_cubes_torch(
+    level: npt.NDArray[np.float32], radius: float, device: torch.device
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """`marching_cubes` on ``device`` in torch, from the prepared ``density - threshold`` volume."""
+    with torch.inference_mode():
+        # float64 index-unit vertices and the same world mapping as the PyMCubes path, operation
+        # for operation, so the two agree to the last bit.
+        raw_vertices, faces = marching_cubes_torch(torch.from_numpy(level).to(device), 0.0, dtype=torch.float64)
+        scale = torch.tensor(level.shape, dtype=torch.float64, device=device) - 1.0
+        vertices = (raw_vertices / scale * (2.0 * radius) - radius).to(torch.float32)
+        return vertices.cpu().numpy(), faces.cpu().numpy()
 
 
 def merge_vertices(
@@ -383,6 +433,7 @@ def extract_mesh(
     chunk_size: int,
     device: str | torch.device = "cpu",
     on_chunk: ProgressFn | None = None,
+    slab_density: SlabDensityFn | None = None,
 ) -> Mesh:
     """Density function -> coloured triangle mesh in TripoSR's native frame (spec 3.9).
 
@@ -401,8 +452,11 @@ def extract_mesh(
         threshold: Density iso-level (TripoSR: 25.0).
         radius: Half-size of the cube in world units (TripoSR: 0.87).
         chunk_size: Maximum points per density or colour call.
-        device: Where density and colour are queried; marching cubes runs on the CPU.
+        device: Where density and colour are queried; marching cubes runs there too on CUDA,
+            else on the CPU (see `marching_cubes`).
         on_chunk: Progress callback; may raise to cancel.
+        slab_density: Optional faster way to fill the grid, a slab of x rows at a time (about
+            ``chunk_size`` points each); ``density`` is then not used for the grid.
 
     Returns:
         The mesh: float32 vertices in world units, int64 faces counter-clockwise seen from
@@ -419,7 +473,9 @@ def extract_mesh(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     try:
-        return _extract_mesh(density, color, resolution, threshold, radius, chunk_size, torch.device(device), on_chunk)
+        return _extract_mesh(
+            density, color, resolution, threshold, radius, chunk_size, torch.device(device), on_chunk, slab_density
+        )
     except BaseException as exc:
         _release_frames(exc)
         raise
@@ -434,8 +490,11 @@ def _extract_mesh(
     chunk_size: int,
     device: torch.device,
     on_chunk: ProgressFn | None,
+    slab_density: SlabDensityFn | None = None,
 ) -> Mesh:
-    total = -(-(resolution**3) // chunk_size) + 1
+    rows = max(1, chunk_size // (resolution * resolution))
+    chunks = -(-resolution // rows) if slab_density is not None else -(-(resolution**3) // chunk_size)
+    total = chunks + 1
 
     def report(done: int, _chunks: int = 0) -> None:
         if on_chunk is not None:
@@ -444,10 +503,13 @@ def _extract_mesh(
     def later_stage(_done: int = 0, _chunks: int = 0) -> None:
         report(total - 1)
 
-    volume = density_grid(
-        density, resolution=resolution, radius=radius, chunk_size=chunk_size, device=device, on_chunk=report
-    )
-    vertices, faces = marching_cubes(volume, threshold=threshold, radius=radius)
+    if slab_density is not None:
+        volume = slab_grid(slab_density, resolution=resolution, rows=rows, on_chunk=report)
+    else:
+        volume = density_grid(
+            density, resolution=resolution, radius=radius, chunk_size=chunk_size, device=device, on_chunk=report
+        )
+    vertices, faces = marching_cubes(volume, threshold=threshold, radius=radius, device=device)
     if faces.shape[0] == 0:
         low, high = float(volume.min()), float(volume.max())
         raise EmptySurface(

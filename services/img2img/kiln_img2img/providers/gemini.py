@@ -13,15 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import io
 import json
 import logging
 import re
-import ssl
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -41,16 +38,15 @@ from kiln_runtime.vendor_errors import (
     VendorUnavailable,
     vendor_metadata,
 )
+from kiln_runtime.vendor_http import CallTimedOut, excerpt, guarded, tls_context
 
 VENDOR = "gemini"
-POLL_S = 0.05  # how quickly a cancelled job lets go of the connection
 # Gemini takes inline data plus prompt up to about 20 MB per request and refuses more only
 # after the whole upload, so Kiln refuses first.
 MAX_REQUEST_BYTES = 20_000_000
 # Not every 429 says when to come back (a daily quota carries only a Help link); the client
 # is then told to wait one per-minute quota window.
 FALLBACK_RETRY_AFTER_S = 60.0
-EXCERPT_CHARS = 200
 # finishReasons meaning Gemini made something and withheld it. Any other finish without an
 # image part (STOP with text only, NO_IMAGE, IMAGE_OTHER, OTHER, MAX_TOKENS) is "no image".
 OUTPUT_BLOCKED = frozenset(
@@ -68,11 +64,6 @@ OUTPUT_BLOCKED = frozenset(
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")  # proto3 JSON Duration, e.g. "40s", "0.2s"
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class _TimedOut(Exception):
-    """The whole call outlived `timeout_s` (httpx's own timeouts bound each phase only)."""
 
 
 class GeminiImg2ImgProvider:
@@ -136,7 +127,7 @@ class GeminiImg2ImgProvider:
 
     async def _generate(self, body: bytes, ctx: RunContext) -> dict[str, Any]:
         """POST, retrying a 429 whose delay is short enough; returns the 200 answer."""
-        async with httpx.AsyncClient(timeout=httpx.Timeout(self.settings.timeout_s), verify=_tls_context()) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.settings.timeout_s), verify=tls_context()) as client:
             retries = 0
             while True:
                 response = await self._post(client, body, ctx)
@@ -149,7 +140,7 @@ class GeminiImg2ImgProvider:
                 logger.warning(
                     "gemini quota hit (429); retry %d of %d in %g s", retries, self.settings.max_retries, delay
                 )
-                await _guarded(asyncio.sleep(delay), ctx)
+                await guarded(asyncio.sleep(delay), ctx)
 
     async def _post(self, client: httpx.AsyncClient, body: bytes, ctx: RunContext) -> httpx.Response:
         waiting = False
@@ -165,8 +156,8 @@ class GeminiImg2ImgProvider:
         started = time.perf_counter()
         post = client.post(self._url, content=body, headers=headers, extensions={"trace": trace})
         try:
-            response = await _guarded(post, ctx, timeout_s=self.settings.timeout_s)
-        except (httpx.TimeoutException, _TimedOut) as exc:
+            response = await guarded(post, ctx, timeout_s=self.settings.timeout_s)
+        except (httpx.TimeoutException, CallTimedOut) as exc:
             message = f"Gemini did not answer within the {self.settings.timeout_s:g} s timeout; try again later"
             raise VendorUnavailable(message, metadata=vendor_metadata(VENDOR, vendor_reason="TIMEOUT")) from exc
         except httpx.TransportError as exc:
@@ -177,37 +168,6 @@ class GeminiImg2ImgProvider:
             ctx.report(ProgressUpdate(Stage.VENDOR_WAITING, 0, 0, 0.2))
         logger.info("gemini answered HTTP %d in %.2f s", response.status_code, time.perf_counter() - started)
         return response
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One TLS context per process: loading the CA bundle costs ~0.1 s, and sharing is safe."""
-    return httpx.create_ssl_context()
-
-
-async def _guarded(work: Coroutine[Any, Any, T], ctx: RunContext, *, timeout_s: float | None = None) -> T:
-    """Await `work` as a task, checking for cancellation and the deadline every `POLL_S`.
-
-    Cancelling the task is what aborts the HTTP call: httpx closes the connection of a
-    cancelled request, so the vendor sees the client leave.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout_s is None else loop.time() + timeout_s
-    task = asyncio.create_task(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=POLL_S)
-            if done:
-                return task.result()
-            ctx.check_cancelled()
-            if deadline is not None and loop.time() >= deadline:
-                raise _TimedOut
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # let httpx close the socket before the loop goes away
-        if not task.cancelled():
-            task.exception()  # mark it retrieved; the outcome was handled or superseded
 
 
 def _request_body(request: Img2ImgInput) -> bytes:
@@ -257,7 +217,7 @@ def _http_error(response: httpx.Response) -> KilnError:
         return VendorAuth(message, metadata=meta)
     if code >= 500:
         return VendorUnavailable(f"Gemini failed (HTTP {code} {status}); try again later", metadata=meta)
-    vendor_message = _excerpt(str(error.get("message", "")))
+    vendor_message = excerpt(str(error.get("message", "")))
     return ProviderFailed(f"Gemini rejected the request (HTTP {code} {status}): {vendor_message}", metadata=meta)
 
 
@@ -304,7 +264,7 @@ def _image_from(answer: dict[str, Any]) -> Image.Image:
             return _decode_image(inline["data"], finish)
         if isinstance(part.get("text"), str):
             texts.append(part["text"])
-    said = _excerpt(" ".join(texts))
+    said = excerpt(" ".join(texts))
     message = f"Gemini answered without an image (finishReason {finish or 'none'})"
     message += f': "{said}"' if said else ""
     raise NoImageProduced(
@@ -354,8 +314,3 @@ def _meta(http_status: int, vendor_reason: str = "", **extra: str) -> dict[str, 
 
 def _obj(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def _excerpt(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import functools
 import io
 import json
 import logging
-import ssl
 import struct
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -37,11 +34,11 @@ from kiln_runtime.vendor_errors import (
     VendorUnavailable,
     vendor_metadata,
 )
+from kiln_runtime.vendor_http import CallTimedOut, excerpt, guarded, tls_context
 
 VENDOR = "stability"
 MODEL_ID = "stable-fast-3d"
 PATH = "/v2beta/3d/stable-fast-3d"
-POLL_S = 0.05  # how quickly a cancelled job lets go of the connection
 # Stability's documented rate limit is 150 requests per 10 s; a client that exceeds it is
 # timed out for 60 s. A 429 without Retry-After therefore means "come back in a minute".
 FALLBACK_RETRY_AFTER_S = 60.0
@@ -51,18 +48,12 @@ TEXTURE_RESOLUTIONS = frozenset({512, 1024, 2048})
 # Vendor form fields that Kiln fills from the request, by the Kiln field they come from: a
 # vendor 400 naming one of them is the caller's to fix.
 KILN_FIELDS = {"image": "image", "foreground_ratio": "foreground_ratio", "texture_resolution": "texture_resolution"}
-EXCERPT_CHARS = 200
 
 _GLB_MAGIC = b"glTF"
 _GLB_JSON = 0x4E4F534A  # chunk type "JSON", little-endian
 _GL_TRIANGLES, _GL_TRIANGLE_STRIP, _GL_TRIANGLE_FAN = 4, 5, 6
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class _TimedOut(Exception):
-    """The whole call outlived `timeout_s` (httpx's own timeouts bound each phase only)."""
 
 
 class StableFast3DProvider:
@@ -157,11 +148,11 @@ class StableFast3DProvider:
         files = {"image": ("image.png", image, "image/png")}
         timeout_s = self.settings.timeout_s
         started = time.perf_counter()
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), verify=_tls_context()) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), verify=tls_context()) as client:
             post = client.post(self._url, data=fields, files=files, headers=headers, extensions={"trace": trace})
             try:
-                response = await _guarded(post, ctx, timeout_s=timeout_s)
-            except (httpx.TimeoutException, _TimedOut) as exc:
+                response = await guarded(post, ctx, timeout_s=timeout_s)
+            except (httpx.TimeoutException, CallTimedOut) as exc:
                 message = f"Stable Fast 3D did not answer within the {timeout_s:g} s timeout; try again later"
                 raise VendorUnavailable(message, metadata=vendor_metadata(VENDOR, vendor_reason="TIMEOUT")) from exc
             except httpx.TransportError as exc:
@@ -259,37 +250,6 @@ def _png_of(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One TLS context per process: loading the CA bundle costs ~0.1 s, and sharing is safe."""
-    return httpx.create_ssl_context()
-
-
-async def _guarded(work: Coroutine[Any, Any, T], ctx: RunContext, *, timeout_s: float) -> T:
-    """Await `work` as a task, checking for cancellation and the deadline every `POLL_S`.
-
-    Cancelling the task is what aborts the HTTP call: httpx closes the connection of a
-    cancelled request, so the vendor sees the client leave.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    task = asyncio.create_task(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=POLL_S)
-            if done:
-                return task.result()
-            ctx.check_cancelled()
-            if loop.time() >= deadline:
-                raise _TimedOut
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # let httpx close the socket before the loop goes away
-        if not task.cancelled():
-            task.exception()  # mark it retrieved; the outcome was handled or superseded
-
-
 def _http_error(response: httpx.Response, image_bytes: int) -> KilnError:
     """The domain error for a non-200 answer.
 
@@ -301,7 +261,7 @@ def _http_error(response: httpx.Response, image_bytes: int) -> KilnError:
     code = response.status_code
     name, errors, error_id = _error_of(response)
     meta = vendor_metadata(VENDOR, vendor_reason=name, http_status=code, vendor_error_id=error_id)
-    said = _excerpt("; ".join(errors))
+    said = excerpt("; ".join(errors))
     if code == 403 and name == "content_moderation":
         message = "Stable Fast 3D's content moderation refused the input image; use another image"
         return ContentBlockedInput(message, metadata=meta)
@@ -320,7 +280,7 @@ def _http_error(response: httpx.Response, image_bytes: int) -> KilnError:
         )
     if code in (400, 422):
         violations = [
-            FieldViolation(KILN_FIELDS[field], f"rejected by Stable Fast 3D: {_excerpt(text)}")
+            FieldViolation(KILN_FIELDS[field], f"rejected by Stable Fast 3D: {excerpt(text)}")
             for field, text in map(_split_field, errors)
             if field in KILN_FIELDS
         ]
@@ -363,8 +323,3 @@ def _split_field(error: str) -> tuple[str, str]:
     """Stability prefixes a field's errors with its name ("image: ..."); ("", error) otherwise."""
     field, colon, text = error.partition(":")
     return (field.strip(), text.strip()) if colon and field.strip().isidentifier() else ("", error)
-
-
-def _excerpt(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"

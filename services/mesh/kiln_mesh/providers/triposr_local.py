@@ -172,6 +172,7 @@ class TripoSRMeshProvider:
                 chunk_size=self.settings.chunk_size,
                 device=self.device.device,
                 on_chunk=on_chunk,
+                slab_density=lambda start, stop: model.grid_density(scene_code, request.mc_resolution, start, stop),
             )
         if not request.bake_texture:
             return MeshOutput(

@@ -167,6 +167,44 @@ class TripoSR(nn.Module):
         # [3, C, 1, N] -> [N, 3, C] -> [N, 3C]: concatenated plane-major (feature_reduction concat).
         return sampled[:, :, 0, :].permute(2, 0, 1).reshape(count, 3 * channels)
 
+    def grid_density(self, scene_code: Tensor, resolution: int, start: int, stop: int) -> Tensor:
+        """Activated density on rows `start:stop` (x index) of the marching-cubes grid, [stop-start, R, R].
+
+        The same values as `query_density` at the grid points (spec 3.9 step 1), computed in a way
+        that uses the grid's structure: a grid point's plane-0 features depend on (x, y) only, plane 1
+        on (x, z), plane 2 on (y, z), and the decoder's first layer is linear. So each plane is
+        sampled once per 2-D grid position and projected through its third of the first layer, and
+        the three projections are summed by broadcasting. That removes the per-point grid_sample
+        and the widest matrix product; only the order of one sum changes (float rounding).
+        """
+        r = self.radius
+        channels = self.config.post_processor.out_channels
+        first = self.decoder.layers[0]
+        assert isinstance(first, nn.Linear)
+        device, dtype = scene_code.device, scene_code.dtype
+        # The grid and the reference's affine map, both as the point path computes them.
+        t = (torch.linspace(0.0, 1.0, resolution) * (r - (-r)) + (-r)).to(device)
+        u = ((t + r) / (r + r) * 2.0 - 1.0).to(dtype)
+        ux = u[start:stop]
+
+        def plane(index: int, rows: Tensor, cols: Tensor) -> Tensor:
+            # Sample plane `index` at every (col, row) pair -> [len(cols), len(rows), C] ... as (a, b, C)
+            grid = torch.stack(torch.meshgrid(cols, rows, indexing="ij"), dim=-1)  # [A, B, 2] = (width, height)
+            sampled = F.grid_sample(
+                scene_code[index : index + 1], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+            return sampled[0].permute(1, 2, 0)  # [A, B, C]
+
+        weight = first.weight.to(dtype)
+        w0, w1, w2 = weight[:, :channels], weight[:, channels : 2 * channels], weight[:, 2 * channels :]
+        a = plane(0, u, ux) @ w0.T  # (x, y): [X, R, H]
+        b = plane(1, u, ux) @ w1.T  # (x, z): [X, R, H]
+        c = plane(2, u, u) @ w2.T  # (y, z): [R, R, H]
+        hidden = a[:, :, None, :] + b[:, None, :, :] + c[None, :, :, :] + first.bias.to(dtype)
+        out = self.decoder.layers[1:](hidden.reshape(-1, hidden.shape[-1]))
+        density = torch.exp(out[:, 0].float() + self.config.renderer.density_bias)
+        return density.reshape(stop - start, resolution, resolution)
+
     def _raw(self, scene_code: Tensor, points: Tensor) -> Tensor:
         with torch.no_grad():
             features = self.triplane_features(scene_code, points)
