@@ -41,42 +41,7 @@ from kiln_mesh.mesh import to_y_up
 from kiln_mesh.preprocess import prepare_mesh_input
 from kiln_mesh.testing.assets import ensure_tiny_mesh_models
 from kiln_mesh.triposr import TripoSR, load_triposr
-from kiln_mesh.triposr.config import parse_triposr_config
-
-PUBLISHED_CONFIG = """
-cond_image_size: 512
-image_tokenizer_cls: tsr.models.tokenizers.image.DINOSingleImageTokenizer
-image_tokenizer:
-  pretrained_model_name_or_path: "facebook/dino-vitb16"
-tokenizer_cls: tsr.models.tokenizers.triplane.Triplane1DTokenizer
-tokenizer:
-  plane_size: 32
-  num_channels: 1024
-backbone_cls: tsr.models.transformer.transformer_1d.Transformer1D
-backbone:
-  in_channels: ${tokenizer.num_channels}
-  num_attention_heads: 16
-  attention_head_dim: 64
-  num_layers: 16
-  cross_attention_dim: 768
-post_processor_cls: tsr.models.network_utils.TriplaneUpsampleNetwork
-post_processor:
-  in_channels: 1024
-  out_channels: 40
-decoder_cls: tsr.models.network_utils.NeRFMLP
-decoder:
-  in_channels: 120
-  n_neurons: 64
-  n_hidden_layers: 9
-  activation: silu
-renderer_cls: tsr.models.nerf_renderer.TriplaneNeRFRenderer
-renderer:
-  radius: 0.87
-  feature_reduction: concat
-  density_activation: exp
-  density_bias: -1.0
-  num_samples_per_ray: 128
-"""
+from kiln_mesh.triposr.config import PUBLISHED_CONFIG_YAML, parse_triposr_config
 
 
 def rss_bytes() -> int:
@@ -169,7 +134,7 @@ def main(full: bool) -> None:
     run(load_triposr(tiny.triposr_dir), "tiny checkpoint", remover, resolutions=(128, 256), mesh_at=256)
     if full:
         torch.manual_seed(0)
-        config = parse_triposr_config(yaml.safe_load(io.StringIO(PUBLISHED_CONFIG)))
+        config = parse_triposr_config(yaml.safe_load(io.StringIO(PUBLISHED_CONFIG_YAML)))
         model = TripoSR(config).eval()
         # Random weights make the density field noise; marching cubes on it yields tens of millions of
         # faces, so the full model is meshed at 128 only, as the issue's reference timings are.
