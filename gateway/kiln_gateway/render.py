@@ -1,0 +1,295 @@
+"""Render Envoy's bootstrap YAML from `GatewaySettings`.
+
+The config is built as plain Python dicts and dumped with `yaml.safe_dump`: no template
+escaping, lists of replicas and origins are ordinary loops, and every value comes from the
+settings. It follows the recipe in /work/shared/notes/envoy_gateway.md §3.3; the "Pn" in
+comments are the pitfalls of §5 that the setting exists for.
+
+One listener serves native gRPC (h2c), gRPC-Web and JSON (HTTP/1.1 or h2) through the filter
+chain CORS → grpc_web → grpc_json_transcoder → router; one cluster per model service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]
+
+from .settings import GatewaySettings
+
+
+@dataclass(frozen=True)
+class Service:
+    """One model service behind the gateway."""
+
+    cluster: str
+    grpc_service: str
+    rest_prefix: str
+
+
+SERVICES = (
+    Service("img2img", "kiln.img2img.v1.Img2ImgProvider", "/v1/img2img"),
+    Service("mesh", "kiln.mesh.v1.MeshProvider", "/v1/mesh"),
+)
+
+#: Retried gRPC statuses: a full queue (RESOURCE_EXHAUSTED) or a draining server (UNAVAILABLE)
+#: on one replica says nothing about another. connect-failure and refused-stream happen before
+#: the request reached a server, so they are safe too. Never `reset`: it could run a job twice.
+RETRY_ON = "resource-exhausted,unavailable,connect-failure,refused-stream"
+
+
+def _seconds(value: float) -> str:
+    """Envoy Duration text; whole seconds stay integral for readable configs."""
+    return f"{int(value)}s" if float(value).is_integer() else f"{value:.3f}s"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _cors_policy(settings: GatewaySettings) -> dict[str, Any]:
+    return _typed(
+        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        allow_origin_string_match=[{"exact": origin} for origin in settings.cors_allowed_origins],
+        allow_methods="GET, POST, OPTIONS",
+        allow_headers="content-type,x-grpc-web,x-user-agent,grpc-timeout,authorization,x-request-id",
+        # Browsers hide response headers unless exposed; gRPC-Web clients read these.
+        expose_headers="grpc-status,grpc-message,grpc-status-details-bin,x-request-id",
+        max_age="86400",
+        # P10: a preflight from an origin not allowed is answered by Envoy (no ACAO), not forwarded
+        # to the gRPC upstream, which would answer it with grpc-status 13 after a round trip.
+        forward_not_matching_preflights=False,
+    )
+
+
+def _routes(settings: GatewaySettings) -> list[dict[str, Any]]:
+    idle = _seconds(settings.stream_idle_timeout_s)
+    routes: list[dict[str, Any]] = []
+    for service in SERVICES:
+        action = {
+            "cluster": service.cluster,
+            # P5: the default 15 s route timeout resets a stream even while events flow.
+            "timeout": "0s",
+            "idle_timeout": idle,
+            # P6: no max_stream_duration / grpc_timeout_header_max: Envoy would enforce grpc-timeout
+            # itself and turn DEADLINE_EXCEEDED into INTERNAL. The servers enforce deadlines.
+            "retry_policy": {
+                "retry_on": RETRY_ON,
+                "num_retries": settings.num_retries,
+                # A retry goes to another replica when there is one (Envoy only retries before the
+                # response has started, so a stream with events is never retried).
+                "retry_host_predicate": [
+                    {
+                        "name": "envoy.retry_host_predicates.previous_hosts",
+                        "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
+                    }
+                ],
+                "host_selection_retry_max_attempts": 5,
+            },
+        }
+        # After transcoding the path is /<package>.<Service>/<Method>, so this one route carries
+        # gRPC, gRPC-Web and transcoded JSON.
+        routes.append({"match": {"prefix": f"/{service.grpc_service}/"}, "route": action})
+        # P10: the CORS filter runs before the transcoder and looks up the route of the original
+        # REST path; without these routes OPTIONS /v1/... is a 404 and responses carry no ACAO.
+        routes.append({"match": {"prefix": service.rest_prefix}, "route": action})
+    return routes
+
+
+def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
+    return [
+        {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
+        {
+            "name": "envoy.filters.http.grpc_web",
+            "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                # P8: the descriptor must include google/rpc/error_details.proto (make gen does).
+                proto_descriptor=str(settings.descriptor_path.resolve()),
+                services=[service.grpc_service for service in SERVICES],
+                # Errors before the first event become HTTP status + JSON google.rpc.Status body.
+                # Errors after it travel as the in-band `error` event (P7).
+                convert_grpc_status=True,
+                print_options={
+                    "always_print_primitive_fields": True,
+                    # P9: text/event-stream with one `data: {...}` per event, readable incrementally.
+                    "stream_sse_style_delimited": True,
+                },
+                # P4: the default (the 1 MiB connection buffer) cuts results over 1 MiB after HTTP 200.
+                max_request_body_size=settings.max_request_bytes,
+                max_response_body_size=settings.max_response_bytes,
+            ),
+        },
+        {"name": "envoy.filters.http.router", "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")},
+    ]
+
+
+def _local_reply_config() -> dict[str, Any]:
+    # P17: Envoy's own 4xx/5xx as JSON for JSON clients. A mapper filtered to >= 400, not a
+    # top-level body_format, which would rewrite every local reply.
+    return {
+        "mappers": [
+            {
+                "filter": {
+                    "status_code_filter": {
+                        "comparison": {
+                            "op": "GE",
+                            "value": {"default_value": 400, "runtime_key": "kiln_local_reply_json_min"},
+                        }
+                    }
+                },
+                "body_format_override": {
+                    "json_format": {
+                        "code": "%RESPONSE_CODE%",
+                        "message": "%LOCAL_REPLY_BODY%",
+                        "details": "%RESPONSE_CODE_DETAILS%",
+                    }
+                },
+            }
+        ]
+    }
+
+
+def _listener(settings: GatewaySettings) -> dict[str, Any]:
+    manager: dict[str, Any] = {
+        "stat_prefix": "kiln",
+        # HTTP/1.1 for browsers and curl, h2c for gRPC clients, on one port.
+        "codec_type": "AUTO",
+        # P5: the default 300 s would cut a stream whose steps are far apart.
+        "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "kiln",
+            "virtual_hosts": [
+                {
+                    "name": "kiln",
+                    "domains": ["*"],
+                    "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
+                    "routes": _routes(settings),
+                }
+            ],
+        },
+        "http_filters": _http_filters(settings),
+    }
+    if settings.access_log:
+        manager["access_log"] = [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"),
+            }
+        ]
+    return {
+        "name": "kiln",
+        "address": _address(settings.host, settings.port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": _typed(
+                            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            **manager,
+                        ),
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _cluster(settings: GatewaySettings, service: Service, upstreams: list[str]) -> dict[str, Any]:
+    endpoints = []
+    for upstream in upstreams:
+        host, _, port = upstream.rpartition(":")
+        endpoints.append({"endpoint": {"address": _address(host.strip("[]"), int(port))}})
+    return {
+        "name": service.cluster,
+        # STRICT_DNS serves IP literals as they are and resolves names to every address (a
+        # Kubernetes headless service gives one endpoint per pod).
+        "type": "STRICT_DNS",
+        # "localhost" must not resolve to ::1 when the servers bind 127.0.0.1.
+        "dns_lookup_family": "V4_PREFERRED",
+        "dns_refresh_rate": "5s",
+        "connect_timeout": _seconds(settings.connect_timeout_s),
+        # Long streams make round robin uneven; send new work to the least busy replica.
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {"cluster_name": service.cluster, "endpoints": [{"lb_endpoints": endpoints}]},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                # grpcio speaks HTTP/2 only; keepalive finds a dead server during a quiet stream.
+                explicit_http_config={
+                    "http2_protocol_options": {"connection_keepalive": {"interval": "30s", "timeout": "5s"}}
+                },
+            )
+        },
+        "health_checks": [
+            {
+                "timeout": _seconds(settings.health_check_timeout_s),
+                "interval": _seconds(settings.health_check_interval_s),
+                # P16: the default 60 s leaves an idle cluster's dead replica unnoticed for a minute.
+                "no_traffic_interval": _seconds(settings.health_check_no_traffic_interval_s),
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                # The servers report NOT_SERVING per service name until the model is loaded and as
+                # soon as SIGTERM arrives, so a loading or draining replica gets no new work.
+                "grpc_health_check": {"service_name": service.grpc_service},
+            }
+        ],
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": 1024,
+                    "max_pending_requests": 1024,
+                    "max_requests": settings.max_requests_per_cluster,
+                    "max_retries": 16,
+                }
+            ]
+        },
+        "outlier_detection": {
+            # gRPC INTERNAL from a failed model run maps to HTTP 500; that is the request's problem,
+            # not the replica's, so plain 5xx do not eject. Gateway failures (connect errors,
+            # resets, UNAVAILABLE = 503) do.
+            "enforcing_consecutive_5xx": 0,
+            "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,
+            "interval": "5s",
+            "base_ejection_time": "30s",
+            "max_ejection_percent": 50,
+        },
+    }
+
+
+def render_config(settings: GatewaySettings) -> str:
+    """Render the Envoy bootstrap for `settings` as YAML.
+
+    Args:
+        settings: The gateway settings; the descriptor path is made absolute.
+
+    Returns:
+        The YAML text of a complete static Envoy bootstrap (listener, clusters, admin).
+    """
+    bootstrap = {
+        "admin": {
+            # Admin can quit Envoy and dump its config: never off the loopback interface.
+            "address": _address("127.0.0.1", settings.admin_port),
+        },
+        "static_resources": {
+            "listeners": [_listener(settings)],
+            "clusters": [
+                _cluster(settings, SERVICES[0], settings.img2img_upstreams),
+                _cluster(settings, SERVICES[1], settings.mesh_upstreams),
+            ],
+        },
+    }
+    text: str = yaml.safe_dump(bootstrap, sort_keys=False, default_flow_style=False)
+    return text

@@ -1,0 +1,92 @@
+"""Every rendered config passes `envoy --mode validate`; settings parse like the servers' settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+from gateway.kiln_gateway import Envoy, EnvoyError, GatewaySettings, render_config, validate_config
+
+
+def settings(**fields: object) -> GatewaySettings:
+    return GatewaySettings(_env_file=None, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param(
+            {
+                "img2img_upstreams": ["127.0.0.1:50051", "127.0.0.1:50061", "localhost:50071"],
+                "mesh_upstreams": ["10.0.0.7:50052", "kiln-mesh.default.svc.cluster.local:50052"],
+            },
+            id="replicas",
+        ),
+        pytest.param(
+            {"cors_allowed_origins": ["http://127.0.0.1:8081", "https://app.example.com", "http://localhost:3000"]},
+            id="cors-origins",
+        ),
+        pytest.param(
+            {"host": "0.0.0.0", "port": 0, "admin_port": 0, "stream_idle_timeout_s": 0.5, "num_retries": 0},
+            id="edges",
+        ),
+    ],
+)
+def test_rendered_config_validates(tmp_path: Path, fields: dict[str, object]) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render_config(settings(**fields)))
+    validate_config(path)
+
+
+def test_config_has_the_recipe_must_haves() -> None:
+    config = yaml.safe_load(render_config(settings(img2img_upstreams=["127.0.0.1:1", "127.0.0.1:2"])))
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    (listener,) = config["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"].rsplit(".", 1)[1] for f in manager["http_filters"]]
+    assert names == ["cors", "grpc_web", "grpc_json_transcoder", "router"]
+    transcoder = manager["http_filters"][2]["typed_config"]
+    assert transcoder["max_response_body_size"] == 16 << 20
+    assert transcoder["print_options"]["stream_sse_style_delimited"] is True
+    assert Path(transcoder["proto_descriptor"]).is_absolute()
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    prefixes = [r["match"]["prefix"] for r in routes]
+    assert prefixes == ["/kiln.img2img.v1.Img2ImgProvider/", "/v1/img2img", "/kiln.mesh.v1.MeshProvider/", "/v1/mesh"]
+    for route in routes:
+        assert route["route"]["timeout"] == "0s"
+        assert "max_stream_duration" not in route["route"]
+    img2img = config["static_resources"]["clusters"][0]
+    assert len(img2img["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+    assert img2img["health_checks"][0]["no_traffic_interval"] == "5s"
+
+
+def test_lists_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_GATEWAY__IMG2IMG_UPSTREAMS", "a:1, b:2")
+    monkeypatch.setenv("KILN_GATEWAY__MESH_UPSTREAMS", '["c:3"]')
+    monkeypatch.setenv("KILN_GATEWAY__CORS_ALLOWED_ORIGINS", "http://x:1,https://y")
+    monkeypatch.setenv("KILN_GATEWAY__PORT", "8181")
+    parsed = settings()
+    assert parsed.img2img_upstreams == ["a:1", "b:2"]
+    assert parsed.mesh_upstreams == ["c:3"]
+    assert parsed.cors_allowed_origins == ["http://x:1", "https://y"]
+    assert parsed.port == 8181
+
+
+@pytest.mark.parametrize("upstream", ["nohost", "h:", "h:0", "h:70000", ":50051"])
+def test_bad_upstream_rejected(upstream: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        settings(img2img_upstreams=[upstream])
+
+
+def test_every_field_has_a_description() -> None:
+    for name, field in GatewaySettings.model_fields.items():
+        assert field.description, name
+
+
+def test_invalid_config_raises_with_envoys_reason(tmp_path: Path) -> None:
+    broken = settings(port=0, admin_port=0, descriptor_path=tmp_path / "missing.binpb")
+    with pytest.raises(EnvoyError, match=r"missing\.binpb"):
+        Envoy(broken, state_dir=tmp_path).start()
