@@ -141,6 +141,26 @@ def tiny_profile() -> dict[str, str]:
     }
 
 
+def start_gateway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Envoy in front of both servers (`python -m gateway.kiln_gateway`); returns it and its banner line."""
+    gateway_env = {
+        **env,
+        "KILN_GATEWAY__IMG2IMG_UPSTREAMS": f"127.0.0.1:{servers()[0].port}",
+        "KILN_GATEWAY__MESH_UPSTREAMS": f"127.0.0.1:{servers()[1].port}",
+    }
+    out = log.open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.kiln_gateway", "--state-dir", str(STATE / "gateway")],
+        cwd=ROOT,
+        env=gateway_env,
+        stdout=subprocess.PIPE,
+        stderr=out,
+    )
+    assert process.stdout is not None
+    banner = process.stdout.readline().decode().strip()  # "gateway on HOST:PORT (admin ...)" once it serves
+    return process, banner
+
+
 def up() -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -148,6 +168,9 @@ def up() -> int:
         print("a stack seems to be running already; run `make down` first")
         return 1
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    gateway_port = int(env.get("KILN_GATEWAY__PORT", "8080"))
+    # Result URIs point at the gateway's download route unless the user chose another base.
+    env.setdefault("KILN_STORAGE__PUBLIC_BASE_URL", f"http://127.0.0.1:{gateway_port}/v1/artifacts")
     if env.get("KILN_PROFILE") == "tiny":
         env.update(tiny_profile())
     processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -174,7 +197,19 @@ def up() -> int:
                 f"  {server.name:8} grpc://127.0.0.1:{server.port}  {state}"
                 f"  metrics http://127.0.0.1:{server.metrics_port}/metrics"
             )
-        print("Try: grpcurl -plaintext 127.0.0.1:50051 list   |   Ctrl-C or `make down` stops everything.")
+        gateway, banner = start_gateway(env, LOG_DIR / "gateway.log")
+        processes["gateway"] = gateway
+        (RUN_DIR / "gateway.pid").write_text(str(gateway.pid))
+        if not banner.startswith("gateway on"):
+            print(f"  gateway: did not start; see {LOG_DIR / 'gateway.log'}")
+        else:
+            admin = int(env.get("KILN_GATEWAY__ADMIN_PORT", "9901"))
+            print(f"  gateway  http://127.0.0.1:{gateway_port}  (gRPC, gRPC-Web, JSON/SSE)")
+            print(f"  web page http://127.0.0.1:{gateway_port}/")
+            print(f"  envoy admin http://127.0.0.1:{admin}/")
+        print(
+            f"Try: curl http://127.0.0.1:{gateway_port}/v1/img2img/info   |   Ctrl-C or `make down` stops everything."
+        )
         while not stopping and all(p.poll() is None for p in processes.values()):
             time.sleep(0.2)
         for name, process in processes.items():

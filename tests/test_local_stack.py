@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +20,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def envoy_processes() -> list[int]:
+    """Envoy processes running with make up's config (its state folder is in the command line)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"envoy" in cmdline and str(ROOT / ".kiln" / "gateway").encode() in cmdline:
+            found.append(int(proc.name))
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -33,6 +47,7 @@ def alive(pid: int) -> bool:
 def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
     # "fake": both servers on the fake provider; "tiny": KILN_PROFILE=tiny runs img2img on the tiny SD model.
     fake = {"KILN_IMG2IMG__PROVIDER": "fake", "KILN_MESH__PROVIDER": "fake"}
+    gateway_port = free_port()
     chosen = {"KILN_PROFILE": "tiny"} if profile == "tiny" else fake
     env = {
         **os.environ,
@@ -42,6 +57,8 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
         "KILN_IMG2IMG__SERVER__METRICS_PORT": str(free_port()),
         "KILN_MESH__SERVER__PORT": str(free_port()),
         "KILN_MESH__SERVER__METRICS_PORT": str(free_port()),
+        "KILN_GATEWAY__PORT": str(gateway_port),
+        "KILN_GATEWAY__ADMIN_PORT": str(free_port()),
     }
     launcher = subprocess.Popen(
         [sys.executable, "deploy/local_stack.py", "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
@@ -56,9 +73,14 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
         output = "".join(lines)
         assert output.count("SERVING") == 2, output
         assert ("tiny models" in output) is (profile == "tiny")
+        assert f"http://127.0.0.1:{gateway_port}/" in output
+        # The whole path answers through the gateway: JSON transcoding of GetInfo, and the page.
+        info = httpx.get(f"http://127.0.0.1:{gateway_port}/v1/img2img/info", timeout=10).json()
+        assert info["model"]["readiness"] == "READINESS_READY"
+        assert "<h1>Kiln</h1>" in httpx.get(f"http://127.0.0.1:{gateway_port}/", timeout=10).text
         run_dir = ROOT / ".kiln" / "run"
         pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
-        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+        assert len(pids) == 4 and all(alive(pid) for pid in pids)
 
         down = subprocess.run(
             [sys.executable, "deploy/local_stack.py", "down"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -69,6 +91,7 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
         while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(alive(pid) for pid in pids)
+        assert not envoy_processes(), "an Envoy started by make up outlived make down"
         assert not list(run_dir.glob("*.pid"))
     finally:
         if launcher.poll() is None:

@@ -32,6 +32,10 @@ SERVICES = (
     Service("img2img", "kiln.img2img.v1.Img2ImgProvider", "/v1/img2img"),
     Service("mesh", "kiln.mesh.v1.MeshProvider", "/v1/mesh"),
 )
+#: Every model server hosts the artifact service over its storage; downloads go to the img2img
+#: cluster, which serves the mesh server's artifacts too when both share the storage folder
+#: (the default of `make up`; in a cluster, a shared volume or an object store).
+ARTIFACTS = Service("img2img", "kiln.artifacts.v1.ArtifactProvider", "/v1/artifacts")
 
 #: Retried gRPC statuses: a full queue (RESOURCE_EXHAUSTED) or a draining server (UNAVAILABLE)
 #: on one replica says nothing about another. connect-failure and refused-stream happen before
@@ -69,8 +73,20 @@ def _cors_policy(settings: GatewaySettings) -> dict[str, Any]:
 
 def _routes(settings: GatewaySettings) -> list[dict[str, Any]]:
     idle = _seconds(settings.stream_idle_timeout_s)
-    routes: list[dict[str, Any]] = []
-    for service in SERVICES:
+    routes: list[dict[str, Any]] = [
+        {
+            # The web page; Envoy reads the file when the config loads.
+            "match": {"path": "/"},
+            "direct_response": {"status": 200, "body": {"filename": str(settings.web_index.resolve())}},
+            "response_headers_to_add": [
+                {
+                    "header": {"key": "content-type", "value": "text/html; charset=utf-8"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        }
+    ]
+    for service in (*SERVICES, ARTIFACTS):
         action = {
             "cluster": service.cluster,
             # P5: the default 15 s route timeout resets a stream even while events flow.
@@ -114,7 +130,7 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
                 "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
                 # P8: the descriptor must include google/rpc/error_details.proto (make gen does).
                 proto_descriptor=str(settings.descriptor_path.resolve()),
-                services=[service.grpc_service for service in SERVICES],
+                services=[service.grpc_service for service in (*SERVICES, ARTIFACTS)],
                 # Errors before the first event become HTTP status + JSON google.rpc.Status body.
                 # Errors after it travel as the in-band `error` event (P7).
                 convert_grpc_status=True,
@@ -168,6 +184,8 @@ def _listener(settings: GatewaySettings) -> dict[str, Any]:
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "kiln",
+            # The default (4 KiB) is too small for the page at /.
+            "max_direct_response_body_size_bytes": 1 << 20,
             "virtual_hosts": [
                 {
                     "name": "kiln",

@@ -19,6 +19,8 @@ MiB = 1 << 20
 
 #: The descriptor set `make gen` writes next to this package (gateway/kiln.binpb).
 DEFAULT_DESCRIPTOR = Path(__file__).resolve().parent.parent / "kiln.binpb"
+#: The page served at `/` (a placeholder until the web client is built).
+DEFAULT_WEB_INDEX = Path(__file__).resolve().parent.parent / "web" / "index.html"
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -74,6 +76,9 @@ class GatewaySettings(BaseSettings):
     descriptor_path: Path = Field(
         DEFAULT_DESCRIPTOR,
         description="Descriptor set for JSON transcoding (written by `make gen`, includes google.rpc error details).",
+    )
+    web_index: Path = Field(
+        DEFAULT_WEB_INDEX, description="HTML page served at / (Envoy reads it when the config loads)."
     )
     max_request_bytes: PositiveInt = Field(
         16 * MiB,

@@ -21,6 +21,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kiln.artifacts.v1 import artifact_service_pb2_grpc as artifact_pb2_grpc
+from kiln_runtime.artifact_servicer import SERVICE_NAME as ARTIFACTS_SERVICE
+from kiln_runtime.artifact_servicer import ArtifactServicer
 from kiln_runtime.device import DeviceAvailability, DeviceChoice, choose_device, probe_devices
 from kiln_runtime.jobs import JobRunner
 from kiln_runtime.limits import AdmissionController
@@ -133,10 +136,12 @@ class KilnServer:
             ],
         )
         register(self.server)
+        artifacts = ArtifactServicer(runtime.store, settings.max_message_bytes)
+        artifact_pb2_grpc.add_ArtifactProviderServicer_to_server(artifacts, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(runtime.health, self.server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(
-            [service_full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server,
+            [service_full_name, ARTIFACTS_SERVICE, health_name, reflection.SERVICE_NAME], self.server
         )
         self.port = 0
         self.metrics_port = 0
