@@ -52,9 +52,17 @@ def test_config_has_the_recipe_must_haves() -> None:
     assert transcoder["max_response_body_size"] == 16 << 20
     assert transcoder["print_options"]["stream_sse_style_delimited"] is True
     assert Path(transcoder["proto_descriptor"]).is_absolute()
-    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    page, *routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert page["match"] == {"path": "/"} and "direct_response" in page
     prefixes = [r["match"]["prefix"] for r in routes]
-    assert prefixes == ["/kiln.img2img.v1.Img2ImgProvider/", "/v1/img2img", "/kiln.mesh.v1.MeshProvider/", "/v1/mesh"]
+    assert prefixes == [
+        "/kiln.img2img.v1.Img2ImgProvider/",
+        "/v1/img2img",
+        "/kiln.mesh.v1.MeshProvider/",
+        "/v1/mesh",
+        "/kiln.artifacts.v1.ArtifactProvider/",
+        "/v1/artifacts",
+    ]
     for route in routes:
         assert route["route"]["timeout"] == "0s"
         assert "max_stream_duration" not in route["route"]
