@@ -136,8 +136,10 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
                 convert_grpc_status=True,
                 print_options={
                     "always_print_primitive_fields": True,
-                    # P9: text/event-stream with one `data: {...}` per event, readable incrementally.
-                    "stream_sse_style_delimited": True,
+                    # P9: SSE gives text/event-stream with one `data: {...}` per event, readable
+                    # incrementally; NDJSON one object per line; neither set gives one JSON array.
+                    "stream_sse_style_delimited": settings.json_stream_format == "sse",
+                    "stream_newline_delimited": settings.json_stream_format == "ndjson",
                 },
                 # P4: the default (the 1 MiB connection buffer) cuts results over 1 MiB after HTTP 200.
                 max_request_body_size=settings.max_request_bytes,

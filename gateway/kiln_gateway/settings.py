@@ -10,7 +10,7 @@ comma-separated string.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -120,6 +120,12 @@ class GatewaySettings(BaseSettings):
     concurrency: PositiveInt = Field(2, description="Envoy worker threads (--concurrency).")
     log_level: str = Field("warn", description="Envoy --log-level: trace, debug, info, warn, error, critical, off.")
     access_log: bool = Field(True, description="Write one access log line per request to Envoy's stdout.")
+    json_stream_format: Literal["sse", "ndjson", "array"] = Field(
+        "sse",
+        description="How JSON clients receive a server stream: sse (one `data:` event per message, readable "
+        "incrementally with fetch), ndjson (one JSON object per line), or array (one JSON array, complete "
+        "only at the end of the stream).",
+    )
 
     _split_lists = field_validator("img2img_upstreams", "mesh_upstreams", "cors_allowed_origins", mode="before")(_split)
 

@@ -98,3 +98,14 @@ def test_invalid_config_raises_with_envoys_reason(tmp_path: Path) -> None:
     broken = settings(port=0, admin_port=0, descriptor_path=tmp_path / "missing.binpb")
     with pytest.raises(EnvoyError, match=r"missing\.binpb"):
         Envoy(broken, state_dir=tmp_path).start()
+
+
+@pytest.mark.parametrize(
+    ("stream_format", "sse", "ndjson"), [("sse", True, False), ("ndjson", False, True), ("array", False, False)]
+)
+def test_json_stream_format(stream_format: str, sse: bool, ndjson: bool) -> None:
+    config = yaml.safe_load(render_config(settings(json_stream_format=stream_format)))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    options = manager["http_filters"][2]["typed_config"]["print_options"]
+    assert options["stream_sse_style_delimited"] is sse
+    assert options["stream_newline_delimited"] is ndjson
