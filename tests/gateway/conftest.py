@@ -10,6 +10,7 @@ dynamic base id, so modules and other sessions on the machine never collide.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -133,3 +134,30 @@ def bad_request_violations(body: dict[str, Any]) -> list[dict[str, Any]]:
             violations: list[dict[str, Any]] = detail["fieldViolations"]
             return violations
     raise AssertionError(f"no BadRequest in {json.dumps(body)[:500]}")
+
+
+@asynccontextmanager
+async def envoy_running(
+    img2img_ports: list[int] | None = None, mesh_ports: list[int] | None = None, **settings: Any
+) -> AsyncIterator[Envoy]:
+    """`envoy_for`, but Envoy starts and stops in a thread, so the event loop stays free.
+
+    Envoy's first health checks go out while it starts; the in-process servers run on this
+    loop and can only answer them if `Envoy.start` does not block it. Under `envoy_for` they time
+    out and every host starts as `/failed_active_hc/active_hc_timeout` (traffic still flows,
+    in panic mode) until the next check `health_check_no_traffic_interval_s` later.
+    """
+    gateway = GatewaySettings(
+        _env_file=None,
+        port=0,
+        admin_port=0,
+        img2img_upstreams=[f"127.0.0.1:{port}" for port in img2img_ports or []] or [UNUSED_UPSTREAM],
+        mesh_upstreams=[f"127.0.0.1:{port}" for port in mesh_ports or []] or [UNUSED_UPSTREAM],
+        **settings,
+    )
+    envoy = Envoy(gateway)
+    await asyncio.to_thread(envoy.start)
+    try:
+        yield envoy
+    finally:
+        await asyncio.to_thread(envoy.stop)
