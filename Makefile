@@ -54,6 +54,7 @@ bench: setup ## Run the benchmarks (ratios against in-process baselines)
 	$(PY) benchmarks/health_under_load.py
 	$(PY) benchmarks/img2img_overhead.py
 	$(PY) benchmarks/mesh_stages.py
+	$(PY) benchmarks/gateway_overhead.py
 
 up: setup ## Start the stack in the foreground (Ctrl-C stops it); see README
 	$(PY) deploy/local_stack.py up
