@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
-
-import grpc
 
 from kiln.common.v1 import artifact_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as pb
 from kiln.img2img.v1 import img2img_service_pb2_grpc as pb_grpc
 from kiln_client import _stream
-from kiln_client.errors import KilnError, error_from_rpc_error
+from kiln_client._base import ServiceClient
+from kiln_client.errors import KilnError
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class Img2ImgResult:
     result: pb.Result
 
 
-class Img2ImgClient:
+class Img2ImgClient(ServiceClient[pb_grpc.Img2ImgProviderStub]):
     """A blocking client for ``kiln.img2img.v1.Img2ImgProvider``.
 
     Owns a channel and the generated stub; use it as a context manager, or call ``close``.
@@ -53,56 +51,7 @@ class Img2ImgClient:
             first event of a stream.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = None,
-        max_message_bytes: int = _stream.DEFAULT_MAX_MESSAGE_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
-        retries: int = 2,
-    ) -> None:
-        channel = _stream.make_channel(target, max_message_bytes=max_message_bytes, credentials=credentials)
-        self._init(channel, timeout=timeout, retries=retries, owns_channel=True)
-
-    @classmethod
-    def from_channel(cls, channel: grpc.Channel, *, timeout: float | None = None, retries: int = 2) -> Img2ImgClient:
-        """Wrap an existing channel; ``close`` leaves it open for its owner.
-
-        Args:
-            channel: The channel to use.
-            timeout: Default deadline in seconds for every call.
-            retries: Default retries before the first event.
-
-        Returns:
-            The client.
-        """
-        client = cls.__new__(cls)
-        client._init(channel, timeout=timeout, retries=retries, owns_channel=False)
-        return client
-
-    def _init(self, channel: grpc.Channel, *, timeout: float | None, retries: int, owns_channel: bool) -> None:
-        self._channel = channel
-        self._stub = pb_grpc.Img2ImgProviderStub(channel)
-        self._timeout = timeout
-        self._retries = retries
-        self._owns_channel = owns_channel
-
-    def close(self) -> None:
-        """Close the channel (when the client opened it)."""
-        if self._owns_channel:
-            self._channel.close()
-
-    def __enter__(self) -> Img2ImgClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    _stub_type = pb_grpc.Img2ImgProviderStub
 
     def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         """Describe the model, its readiness, limits and parameter ranges.
@@ -116,12 +65,7 @@ class Img2ImgClient:
         Raises:
             KilnError: The call failed (the subclass names the status code).
         """
-        try:
-            response: pb.GetInfoResponse = self._stub.GetInfo(
-                pb.GetInfoRequest(), timeout=timeout if timeout is not None else self._timeout
-            )
-        except grpc.RpcError as error:
-            raise error_from_rpc_error(error) from error
+        response: pb.GetInfoResponse = self._unary(self._stub.GetInfo, pb.GetInfoRequest(), timeout)
         return response
 
     def generate(
