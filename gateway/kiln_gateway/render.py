@@ -11,12 +11,14 @@ chain CORS → grpc_web → grpc_json_transcoder → router; one cluster per mod
 
 from __future__ import annotations
 
+import mimetypes
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
-from .settings import GatewaySettings
+from .settings import PLACEHOLDER_WEB_ROOT, GatewaySettings
 
 
 @dataclass(frozen=True)
@@ -71,21 +73,43 @@ def _cors_policy(settings: GatewaySettings) -> dict[str, Any]:
     )
 
 
+def _web_root(settings: GatewaySettings) -> Path:
+    root = settings.web_root
+    return root if (root / "index.html").is_file() else PLACEHOLDER_WEB_ROOT
+
+
+def _static_files(settings: GatewaySettings) -> list[tuple[str, Path]]:
+    """(URL path, file) for every file of the web root; index.html is also `/`."""
+    root = _web_root(settings).resolve()
+    files = sorted(path for path in root.rglob("*") if path.is_file())
+    pairs = [(f"/{path.relative_to(root).as_posix()}", path) for path in files]
+    return [("/", root / "index.html"), *pairs]
+
+
+def _static_route(url: str, path: Path) -> dict[str, Any]:
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if media_type.startswith("text/") or media_type in ("application/javascript", "application/json"):
+        media_type += "; charset=utf-8"
+    headers = {
+        "content-type": media_type,
+        # File names carry no content hash, so a browser must revalidate after a rebuild.
+        "cache-control": "no-cache",
+        "x-content-type-options": "nosniff",
+    }
+    return {
+        "match": {"path": url},
+        # Envoy reads the file when the config loads: a rebuilt page needs a gateway restart.
+        "direct_response": {"status": 200, "body": {"filename": str(path)}},
+        "response_headers_to_add": [
+            {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in headers.items()
+        ],
+    }
+
+
 def _routes(settings: GatewaySettings) -> list[dict[str, Any]]:
     idle = _seconds(settings.stream_idle_timeout_s)
-    routes: list[dict[str, Any]] = [
-        {
-            # The web page; Envoy reads the file when the config loads.
-            "match": {"path": "/"},
-            "direct_response": {"status": 200, "body": {"filename": str(settings.web_index.resolve())}},
-            "response_headers_to_add": [
-                {
-                    "header": {"key": "content-type", "value": "text/html; charset=utf-8"},
-                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                }
-            ],
-        }
-    ]
+    routes = [_static_route(url, path) for url, path in _static_files(settings)]
     for service in (*SERVICES, ARTIFACTS):
         action = {
             "cluster": service.cluster,
@@ -186,8 +210,10 @@ def _listener(settings: GatewaySettings) -> dict[str, Any]:
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "kiln",
-            # The default (4 KiB) is too small for the page at /.
-            "max_direct_response_body_size_bytes": 1 << 20,
+            # The default (4 KiB) is too small for the page and its script bundle.
+            "max_direct_response_body_size_bytes": max(
+                1 << 20, *(path.stat().st_size for _, path in _static_files(settings))
+            ),
             "virtual_hosts": [
                 {
                     "name": "kiln",

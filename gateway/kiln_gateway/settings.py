@@ -19,8 +19,11 @@ MiB = 1 << 20
 
 #: The descriptor set `make gen` writes next to this package (gateway/kiln.binpb).
 DEFAULT_DESCRIPTOR = Path(__file__).resolve().parent.parent / "kiln.binpb"
-#: The page served at `/` (a placeholder until the web client is built).
-DEFAULT_WEB_INDEX = Path(__file__).resolve().parent.parent / "web" / "index.html"
+_REPO = Path(__file__).resolve().parent.parent.parent
+#: The web client's bundle (`make web` builds it); served at `/` when it holds an index.html.
+DEFAULT_WEB_ROOT = _REPO / "clients" / "web" / "dist"
+#: Served at `/` when `web_root` has no index.html (a Python-only install never built the page).
+PLACEHOLDER_WEB_ROOT = _REPO / "gateway" / "web"
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -77,8 +80,10 @@ class GatewaySettings(BaseSettings):
         DEFAULT_DESCRIPTOR,
         description="Descriptor set for JSON transcoding (written by `make gen`, includes google.rpc error details).",
     )
-    web_index: Path = Field(
-        DEFAULT_WEB_INDEX, description="HTML page served at / (Envoy reads it when the config loads)."
+    web_root: Path = Field(
+        DEFAULT_WEB_ROOT,
+        description="Folder of static files served at / (index.html) and /<name> (Envoy reads them when the "
+        "config loads); without an index.html there, a placeholder page is served instead.",
     )
     max_request_bytes: PositiveInt = Field(
         16 * MiB,

@@ -8,6 +8,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from gateway.kiln_gateway import Envoy, EnvoyError, GatewaySettings, render_config, validate_config
+from gateway.kiln_gateway.settings import PLACEHOLDER_WEB_ROOT
 
 
 def settings(**fields: object) -> GatewaySettings:
@@ -52,8 +53,10 @@ def test_config_has_the_recipe_must_haves() -> None:
     assert transcoder["max_response_body_size"] == 16 << 20
     assert transcoder["print_options"]["stream_sse_style_delimited"] is True
     assert Path(transcoder["proto_descriptor"]).is_absolute()
-    page, *routes = manager["route_config"]["virtual_hosts"][0]["routes"]
-    assert page["match"] == {"path": "/"} and "direct_response" in page
+    all_routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    pages = [r for r in all_routes if "direct_response" in r]
+    routes = [r for r in all_routes if "direct_response" not in r]
+    assert pages[0]["match"] == {"path": "/"} and pages[0]["direct_response"]["body"]["filename"].endswith("index.html")
     prefixes = [r["match"]["prefix"] for r in routes]
     assert prefixes == [
         "/kiln.img2img.v1.Img2ImgProvider/",
@@ -109,3 +112,30 @@ def test_json_stream_format(stream_format: str, sse: bool, ndjson: bool) -> None
     options = manager["http_filters"][2]["typed_config"]["print_options"]
     assert options["stream_sse_style_delimited"] is sse
     assert options["stream_newline_delimited"] is ndjson
+
+
+def test_web_root_files_are_served_with_their_media_types(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html><title>t</title>")
+    (tmp_path / "app.js").write_text("console.log(1)")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "big.bin").write_bytes(b"x" * (3 << 20))
+    config = yaml.safe_load(render_config(settings(web_root=tmp_path)))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    served = {
+        r["match"]["path"]: {h["header"]["key"]: h["header"]["value"] for h in r["response_headers_to_add"]}
+        for r in manager["route_config"]["virtual_hosts"][0]["routes"]
+        if "direct_response" in r
+    }
+    assert set(served) == {"/", "/index.html", "/app.js", "/assets/big.bin"}
+    assert served["/"]["content-type"] == "text/html; charset=utf-8"
+    assert served["/app.js"]["content-type"].startswith(("application/javascript", "text/javascript"))
+    assert served["/assets/big.bin"]["content-type"] == "application/octet-stream"
+    # The direct-response cap grows to the largest file, or Envoy would refuse the config.
+    assert manager["route_config"]["max_direct_response_body_size_bytes"] >= 3 << 20
+
+
+def test_web_root_without_index_serves_the_placeholder(tmp_path: Path) -> None:
+    config = yaml.safe_load(render_config(settings(web_root=tmp_path)))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (page,) = [r for r in manager["route_config"]["virtual_hosts"][0]["routes"] if r["match"].get("path") == "/"]
+    assert Path(page["direct_response"]["body"]["filename"]) == PLACEHOLDER_WEB_ROOT.resolve() / "index.html"
