@@ -23,7 +23,7 @@ def test_client_installs_alone_without_torch(tmp_path: Path) -> None:
     )
     assert install.returncode == 0, install.stderr
     probe = (
-        "import importlib.util as u, kiln_client\n"
+        "import importlib.util as u, kiln_client, kiln_client.cli\n"
         "from kiln.img2img.v1 import img2img_service_pb2_grpc\n"
         "from kiln.mesh.v1 import mesh_service_pb2_grpc\n"
         "from google.rpc import error_details_pb2\n"
@@ -33,3 +33,7 @@ def test_client_installs_alone_without_torch(tmp_path: Path) -> None:
     result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+    # The console script is installed with the package and runs without the server side.
+    usage = subprocess.run([str(venv / "bin" / "kiln"), "img2img", "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0, usage.stderr
+    assert "--prompt" in usage.stdout and "--target" in usage.stdout

@@ -1,8 +1,15 @@
-"""Kiln's Python client. The generated contracts live in the `kiln` package beside it."""
+"""Kiln's Python client. The generated contracts live in the `kiln` package beside it.
 
-from kiln_client._img2img import Img2ImgClient, Img2ImgResult
-from kiln_client._mesh import MeshClient, MeshResult
+Blocking clients: `Img2ImgClient`, `MeshClient`; asyncio: `AsyncImg2ImgClient`, `AsyncMeshClient`.
+Every failure is a `KilnError` subclass named for its gRPC status code. The command line is
+`kiln` (`kiln_client.cli`).
+"""
+
+from kiln_client._base import DEFAULT_MAX_MESSAGE_BYTES, AsyncServiceClient, ServiceClient
+from kiln_client._img2img import AsyncImg2ImgClient, Img2ImgClient, Img2ImgOptions, Img2ImgResult
+from kiln_client._mesh import AsyncMeshClient, MeshClient, MeshOptions, MeshResult
 from kiln_client.errors import (
+    CancelledError,
     ChecksumError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -11,24 +18,34 @@ from kiln_client.errors import (
     KilnError,
     NotFoundError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "AsyncImg2ImgClient",
+    "AsyncMeshClient",
+    "AsyncServiceClient",
+    "CancelledError",
     "ChecksumError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "Img2ImgClient",
+    "Img2ImgOptions",
     "Img2ImgResult",
     "InternalError",
     "InvalidArgumentError",
     "KilnError",
     "MeshClient",
+    "MeshOptions",
     "MeshResult",
     "NotFoundError",
     "ResourceExhaustedError",
+    "ServiceClient",
+    "UnauthenticatedError",
     "UnavailableError",
     "__version__",
 ]

@@ -1,16 +1,46 @@
-"""The synchronous img2img client."""
+"""The img2img clients: blocking `Img2ImgClient` and asyncio `AsyncImg2ImgClient`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from kiln.common.v1 import artifact_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as pb
 from kiln.img2img.v1 import img2img_service_pb2_grpc as pb_grpc
 from kiln_client import _stream
-from kiln_client._base import ServiceClient
+from kiln_client._base import AsyncServiceClient, ServiceClient
 from kiln_client.errors import KilnError
+
+
+class Img2ImgOptions(TypedDict, total=False):
+    """Optional arguments of ``generate`` and ``generate_image``; a missing key takes the server's default.
+
+    Attributes:
+        negative_prompt: What the image should not show.
+        strength: How far to move from the input, in (0, 1].
+        steps: Denoising steps for strength 1 (the server runs about ``steps * strength``).
+        guidance: Classifier-free guidance scale.
+        seed: Random seed; missing lets the server draw one (the result reports it).
+        scheduler: ``Scheduler`` name without prefix (``"EULER"``, ``"DDIM"``, ...) or number;
+            default ``"EULER"``.
+        output_format: ``"PNG"``, ``"JPEG"``, ``"WEBP"`` or an ``ImageFormat`` number; default PNG.
+        preview_every: Send a low-resolution preview every N steps; 0 sends none.
+        delivery: ``"INLINE"``, ``"CHUNKED"``, ``"REFERENCE"`` or a number.
+        client_request_id: Correlation id echoed in the server's logs.
+    """
+
+    negative_prompt: str
+    strength: float
+    steps: int
+    guidance: float
+    seed: int
+    scheduler: str | int
+    output_format: str | int
+    preview_every: int
+    delivery: str | int
+    client_request_id: str
 
 
 @dataclass(frozen=True)
@@ -19,12 +49,13 @@ class Img2ImgResult:
 
     Attributes:
         image: The encoded image bytes, verified against the artifact's SHA-256; None when
-            the server delivered it by reference only (see ``uri``).
+            the server delivered it by reference only (``client.download(result.artifact, path)``).
         media_type: The image's media type, for example ``image/png``.
         seed: The effective seed; send it back to reproduce the image.
         width: Width in pixels.
         height: Height in pixels.
         uri: Where the server stored the image.
+        artifact: The image's ``Artifact`` (id, size, SHA-256, URI).
         result: The full ``kiln.img2img.v1.Result`` message.
     """
 
@@ -34,33 +65,59 @@ class Img2ImgResult:
     width: int
     height: int
     uri: str
+    artifact: artifact_pb2.Artifact
     result: pb.Result
+
+
+def _request(image: bytes, prompt: str, options: Img2ImgOptions) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        image=image,
+        prompt=prompt,
+        negative_prompt=options.get("negative_prompt", ""),
+        strength=options.get("strength"),
+        num_inference_steps=options.get("steps"),
+        guidance_scale=options.get("guidance"),
+        seed=options.get("seed"),
+        scheduler=_stream.enum_value(pb.Scheduler, "SCHEDULER_", options.get("scheduler", "EULER")),  # type: ignore[arg-type]
+        output_format=_stream.enum_value(pb.ImageFormat, "IMAGE_FORMAT_", options.get("output_format", "PNG")),  # type: ignore[arg-type]
+        preview_every_n_steps=options.get("preview_every", 0),
+        delivery=_stream.enum_value(artifact_pb2.ArtifactDelivery, "ARTIFACT_DELIVERY_", options.get("delivery")),  # type: ignore[arg-type]
+        client_request_id=options.get("client_request_id", ""),
+    )
+
+
+def img2img_result(collected: _stream.Collected) -> Img2ImgResult:
+    """The typed result of a collected img2img stream."""
+    result = collected.result
+    if not isinstance(result, pb.Result):
+        raise KilnError("unexpected result type")
+    return Img2ImgResult(
+        image=collected.data,
+        media_type=collected.artifact.media_type,
+        seed=result.parameters.seed,
+        width=result.width,
+        height=result.height,
+        uri=collected.artifact.uri,
+        artifact=collected.artifact,
+        result=result,
+    )
 
 
 class Img2ImgClient(ServiceClient[pb_grpc.Img2ImgProviderStub]):
     """A blocking client for ``kiln.img2img.v1.Img2ImgProvider``.
 
     Owns a channel and the generated stub; use it as a context manager, or call ``close``.
+    Takes the arguments of `kiln_client.ServiceClient` (target, timeout, TLS, API key, retries).
 
-    Args:
-        target: Server address, for example ``localhost:50051``.
-        timeout: Default deadline in seconds for every call; None waits indefinitely.
-        max_message_bytes: Send and receive cap of the channel.
-        credentials: TLS credentials; None opens an insecure channel.
-        retries: Default number of retries of UNAVAILABLE and RESOURCE_EXHAUSTED before the
-            first event of a stream.
+    Example:
+        >>> with Img2ImgClient("localhost:8080", timeout=120) as client:
+        ...     result = client.generate_image(png, prompt="a fox, watercolor", seed=7)
     """
 
     _stub_type = pb_grpc.Img2ImgProviderStub
 
     def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         """Describe the model, its readiness, limits and parameter ranges.
-
-        Args:
-            timeout: Deadline in seconds; default the client's.
-
-        Returns:
-            The server's ``GetInfoResponse``.
 
         Raises:
             KilnError: The call failed (the subclass names the status code).
@@ -73,121 +130,97 @@ class Img2ImgClient(ServiceClient[pb_grpc.Img2ImgProviderStub]):
         image: bytes,
         *,
         prompt: str,
-        negative_prompt: str = "",
-        strength: float | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
-        scheduler: str | int = "EULER",
-        output_format: str | int = "PNG",
-        preview_every: int = 0,
-        delivery: str | int | None = None,
-        client_request_id: str = "",
         timeout: float | None = None,
         retries: int | None = None,
+        **options: Unpack[Img2ImgOptions],
     ) -> Iterator[pb.GenerateResponse]:
         """Run one job and yield its events as they arrive.
 
         Args:
             image: Encoded PNG, JPEG or WebP input bytes.
             prompt: What the new image should show.
-            negative_prompt: What it should not show.
-            strength: How far to move from the input, in (0, 1]; None: server default.
-            steps: Denoising steps for strength 1; None: server default.
-            guidance: Classifier-free guidance scale; None: server default.
-            seed: Random seed; None lets the server draw one.
-            scheduler: ``Scheduler`` name without prefix (``"EULER"``, ``"DDIM"``, ...) or number.
-            output_format: ``"PNG"``, ``"JPEG"``, ``"WEBP"`` or an ``ImageFormat`` number.
-            preview_every: Send a preview every N steps; 0 sends none.
-            delivery: ``"INLINE"``, ``"CHUNKED"``, ``"REFERENCE"``, a number, or None for the
-                server's default.
-            client_request_id: Correlation id echoed in the server's logs.
             timeout: Deadline in seconds for the whole stream; default the client's.
             retries: Retries before the first event; default the client's.
+            **options: See `Img2ImgOptions`.
 
         Yields:
-            The ``GenerateResponse`` events up to the terminal ``result``.
+            The ``GenerateResponse`` events (accepted, queued, progress, preview, chunk) up to
+            the terminal ``result``. Stopping the iteration cancels the job.
 
         Raises:
             KilnError: The call failed, or the job ended with an ``error`` event.
             ValueError: An enum name is unknown.
         """
-        request = pb.GenerateRequest(
-            image=image,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            strength=strength,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            seed=seed,
-            scheduler=_stream.enum_value(pb.Scheduler, "SCHEDULER_", scheduler),  # type: ignore[arg-type]
-            output_format=_stream.enum_value(pb.ImageFormat, "IMAGE_FORMAT_", output_format),  # type: ignore[arg-type]
-            preview_every_n_steps=preview_every,
-            delivery=_stream.enum_value(  # type: ignore[arg-type]
-                artifact_pb2.ArtifactDelivery, "ARTIFACT_DELIVERY_", delivery
-            ),
-            client_request_id=client_request_id,
-        )
-        deadline = timeout if timeout is not None else self._timeout
+        request = _request(image, prompt, options)
+        deadline = self._deadline(timeout)
 
         def start() -> Iterator[pb.GenerateResponse]:
-            return self._stub.Generate(request, timeout=deadline)  # type: ignore[no-any-return]
+            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[no-any-return]
 
-        return _stream.stream_events(start, retries=self._retries if retries is None else retries)
+        return _stream.stream_events(start, retries=self._retry_count(retries))
 
     def generate_image(
         self,
         image: bytes,
         *,
         prompt: str,
-        negative_prompt: str = "",
-        strength: float | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = None,
-        scheduler: str | int = "EULER",
-        output_format: str | int = "PNG",
-        delivery: str | int | None = None,
-        client_request_id: str = "",
         timeout: float | None = None,
         retries: int | None = None,
+        **options: Unpack[Img2ImgOptions],
     ) -> Img2ImgResult:
-        """Run one job to the end and return the image.
-
-        Takes the same arguments as ``generate`` (without previews).
-
-        Returns:
-            The image, checked against its SHA-256, with the effective seed and size.
+        """Run one job to the end and return the image (same arguments as ``generate``).
 
         Raises:
             ChecksumError: The received bytes do not match the announced SHA-256.
             KilnError: The call or the job failed.
         """
-        events = self.generate(
-            image,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            strength=strength,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            scheduler=scheduler,
-            output_format=output_format,
-            delivery=delivery,
-            client_request_id=client_request_id,
-            timeout=timeout,
-            retries=retries,
-        )
-        collected = _stream.collect(events)
-        result = collected.result
-        if not isinstance(result, pb.Result):
-            raise KilnError("unexpected result type")
-        return Img2ImgResult(
-            image=collected.data,
-            media_type=collected.artifact.media_type,
-            seed=result.parameters.seed,
-            width=result.width,
-            height=result.height,
-            uri=collected.artifact.uri,
-            result=result,
-        )
+        events = self.generate(image, prompt=prompt, timeout=timeout, retries=retries, **options)
+        return img2img_result(_stream.collect(events))
+
+
+class AsyncImg2ImgClient(AsyncServiceClient[pb_grpc.Img2ImgProviderStub]):
+    """The asyncio form of `Img2ImgClient`: the same calls, awaited; ``generate`` is an async iterator.
+
+    Example:
+        >>> async with AsyncImg2ImgClient("localhost:8080") as client:
+        ...     async for event in client.generate(png, prompt="a fox"):
+        ...         print(event.WhichOneof("event"))
+    """
+
+    _stub_type = pb_grpc.Img2ImgProviderStub
+
+    async def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
+        """See `Img2ImgClient.get_info`."""
+        response: pb.GetInfoResponse = await self._unary(self._stub.GetInfo, pb.GetInfoRequest(), timeout)
+        return response
+
+    def generate(
+        self,
+        image: bytes,
+        *,
+        prompt: str,
+        timeout: float | None = None,
+        retries: int | None = None,
+        **options: Unpack[Img2ImgOptions],
+    ) -> AsyncGenerator[pb.GenerateResponse]:
+        """See `Img2ImgClient.generate`; ``aclose()`` cancels the job (see ``contextlib.aclosing``)."""
+        request = _request(image, prompt, options)
+        deadline = self._deadline(timeout)
+
+        def start() -> AsyncIterator[pb.GenerateResponse]:
+            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[no-any-return]
+
+        return _stream.astream_events(start, retries=self._retry_count(retries))
+
+    async def generate_image(
+        self,
+        image: bytes,
+        *,
+        prompt: str,
+        timeout: float | None = None,
+        retries: int | None = None,
+        **options: Unpack[Img2ImgOptions],
+    ) -> Img2ImgResult:
+        """See `Img2ImgClient.generate_image`."""
+        events = self.generate(image, prompt=prompt, timeout=timeout, retries=retries, **options)
+        return img2img_result(await _stream.acollect(events))

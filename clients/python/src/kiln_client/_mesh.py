@@ -1,16 +1,45 @@
-"""The synchronous mesh client."""
+"""The mesh clients: blocking `MeshClient` and asyncio `AsyncMeshClient`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from kiln.common.v1 import artifact_pb2
 from kiln.mesh.v1 import mesh_service_pb2 as pb
 from kiln.mesh.v1 import mesh_service_pb2_grpc as pb_grpc
 from kiln_client import _stream
-from kiln_client._base import ServiceClient
+from kiln_client._base import AsyncServiceClient, ServiceClient
 from kiln_client.errors import KilnError
+
+
+class MeshOptions(TypedDict, total=False):
+    """Optional arguments of ``generate`` and ``generate_mesh``; a missing key takes the server's default.
+
+    Attributes:
+        output_format: ``"GLB"``, ``"OBJ"``, ``"PLY"`` or a ``MeshFormat`` number; default GLB.
+        remove_background: ``"AUTO"`` (keep a real alpha channel), ``"ALWAYS"`` or ``"NEVER"``.
+        foreground_ratio: Share of the image the object fills after cropping.
+        mc_resolution: Marching-cubes grid resolution per axis.
+        mc_threshold: Density threshold of the surface.
+        bake_texture: Bake colours into a UV texture (GLB only).
+        texture_resolution: Baked texture size in pixels.
+        frame: ``"Y_UP"`` or ``"NATIVE"``.
+        delivery: ``"INLINE"``, ``"CHUNKED"``, ``"REFERENCE"`` or a number.
+        client_request_id: Correlation id echoed in the server's logs.
+    """
+
+    output_format: str | int
+    remove_background: str | int
+    foreground_ratio: float
+    mc_resolution: int
+    mc_threshold: float
+    bake_texture: bool
+    texture_resolution: int
+    frame: str | int
+    delivery: str | int
+    client_request_id: str
 
 
 @dataclass(frozen=True)
@@ -19,11 +48,12 @@ class MeshResult:
 
     Attributes:
         data: The mesh file's bytes, verified against the artifact's SHA-256; None when the
-            server delivered it by reference only (see ``uri``).
+            server delivered it by reference only (``client.download(result.artifact, path)``).
         media_type: For example ``model/gltf-binary``.
         vertex_count: Vertices in the mesh.
         face_count: Triangles in the mesh.
         uri: Where the server stored the file.
+        artifact: The file's ``Artifact`` (id, size, SHA-256, URI).
         result: The full ``kiln.mesh.v1.Result`` message.
     """
 
@@ -32,33 +62,59 @@ class MeshResult:
     vertex_count: int
     face_count: int
     uri: str
+    artifact: artifact_pb2.Artifact
     result: pb.Result
+
+
+def _request(image: bytes, options: MeshOptions) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        image=image,
+        output_format=_stream.enum_value(pb.MeshFormat, "MESH_FORMAT_", options.get("output_format", "GLB")),  # type: ignore[arg-type]
+        remove_background=_stream.enum_value(  # type: ignore[arg-type]
+            pb.RemoveBackground, "REMOVE_BACKGROUND_", options.get("remove_background")
+        ),
+        foreground_ratio=options.get("foreground_ratio"),
+        mc_resolution=options.get("mc_resolution"),
+        mc_threshold=options.get("mc_threshold"),
+        bake_texture=options.get("bake_texture", False),
+        texture_resolution=options.get("texture_resolution"),
+        frame=_stream.enum_value(pb.MeshFrame, "MESH_FRAME_", options.get("frame")),  # type: ignore[arg-type]
+        delivery=_stream.enum_value(artifact_pb2.ArtifactDelivery, "ARTIFACT_DELIVERY_", options.get("delivery")),  # type: ignore[arg-type]
+        client_request_id=options.get("client_request_id", ""),
+    )
+
+
+def mesh_result(collected: _stream.Collected) -> MeshResult:
+    """The typed result of a collected mesh stream."""
+    result = collected.result
+    if not isinstance(result, pb.Result):
+        raise KilnError("unexpected result type")
+    return MeshResult(
+        data=collected.data,
+        media_type=collected.artifact.media_type,
+        vertex_count=result.vertex_count,
+        face_count=result.face_count,
+        uri=collected.artifact.uri,
+        artifact=collected.artifact,
+        result=result,
+    )
 
 
 class MeshClient(ServiceClient[pb_grpc.MeshProviderStub]):
     """A blocking client for ``kiln.mesh.v1.MeshProvider``.
 
     Owns a channel and the generated stub; use it as a context manager, or call ``close``.
+    Takes the arguments of `kiln_client.ServiceClient` (target, timeout, TLS, API key, retries).
 
-    Args:
-        target: Server address, for example ``localhost:50052``.
-        timeout: Default deadline in seconds for every call; None waits indefinitely.
-        max_message_bytes: Send and receive cap of the channel.
-        credentials: TLS credentials; None opens an insecure channel.
-        retries: Default number of retries of UNAVAILABLE and RESOURCE_EXHAUSTED before the
-            first event of a stream.
+    Example:
+        >>> with MeshClient("localhost:8080", timeout=600) as client:
+        ...     client.download(client.generate_mesh(png).artifact, "chair.glb")
     """
 
     _stub_type = pb_grpc.MeshProviderStub
 
     def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         """Describe the model, its readiness, limits and parameter ranges.
-
-        Args:
-            timeout: Deadline in seconds; default the client's.
-
-        Returns:
-            The server's ``GetInfoResponse``.
 
         Raises:
             KilnError: The call failed (the subclass names the status code).
@@ -70,114 +126,86 @@ class MeshClient(ServiceClient[pb_grpc.MeshProviderStub]):
         self,
         image: bytes,
         *,
-        output_format: str | int = "GLB",
-        remove_background: str | int | None = None,
-        foreground_ratio: float | None = None,
-        mc_resolution: int | None = None,
-        mc_threshold: float | None = None,
-        bake_texture: bool = False,
-        texture_resolution: int | None = None,
-        frame: str | int | None = None,
-        delivery: str | int | None = None,
-        client_request_id: str = "",
         timeout: float | None = None,
         retries: int | None = None,
+        **options: Unpack[MeshOptions],
     ) -> Iterator[pb.GenerateResponse]:
         """Run one job and yield its events as they arrive.
 
         Args:
             image: Encoded PNG, JPEG or WebP input bytes.
-            output_format: ``"GLB"``, ``"OBJ"``, ``"PLY"`` or a ``MeshFormat`` number.
-            remove_background: ``"AUTO"``, ``"ALWAYS"``, ``"NEVER"``; None: server default.
-            foreground_ratio: Share of the image the object fills after cropping.
-            mc_resolution: Marching-cubes grid resolution per axis.
-            mc_threshold: Density threshold of the surface.
-            bake_texture: Bake colours into a UV texture (GLB only).
-            texture_resolution: Baked texture size in pixels.
-            frame: ``"Y_UP"`` or ``"NATIVE"``; None: server default.
-            delivery: ``"INLINE"``, ``"CHUNKED"``, ``"REFERENCE"``, a number, or None.
-            client_request_id: Correlation id echoed in the server's logs.
             timeout: Deadline in seconds for the whole stream; default the client's.
             retries: Retries before the first event; default the client's.
+            **options: See `MeshOptions`.
 
         Yields:
-            The ``GenerateResponse`` events up to the terminal ``result``.
+            The ``GenerateResponse`` events (accepted, queued, progress by stage, chunk) up to
+            the terminal ``result``. Stopping the iteration cancels the job.
 
         Raises:
             KilnError: The call failed, or the job ended with an ``error`` event.
             ValueError: An enum name is unknown.
         """
-        request = pb.GenerateRequest(
-            image=image,
-            output_format=_stream.enum_value(pb.MeshFormat, "MESH_FORMAT_", output_format),  # type: ignore[arg-type]
-            remove_background=_stream.enum_value(  # type: ignore[arg-type]
-                pb.RemoveBackground, "REMOVE_BACKGROUND_", remove_background
-            ),
-            foreground_ratio=foreground_ratio,
-            mc_resolution=mc_resolution,
-            mc_threshold=mc_threshold,
-            bake_texture=bake_texture,
-            texture_resolution=texture_resolution,
-            frame=_stream.enum_value(pb.MeshFrame, "MESH_FRAME_", frame),  # type: ignore[arg-type]
-            delivery=_stream.enum_value(  # type: ignore[arg-type]
-                artifact_pb2.ArtifactDelivery, "ARTIFACT_DELIVERY_", delivery
-            ),
-            client_request_id=client_request_id,
-        )
-        deadline = timeout if timeout is not None else self._timeout
+        request = _request(image, options)
+        deadline = self._deadline(timeout)
 
         def start() -> Iterator[pb.GenerateResponse]:
-            return self._stub.Generate(request, timeout=deadline)  # type: ignore[no-any-return]
+            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[no-any-return]
 
-        return _stream.stream_events(start, retries=self._retries if retries is None else retries)
+        return _stream.stream_events(start, retries=self._retry_count(retries))
 
     def generate_mesh(
         self,
         image: bytes,
         *,
-        output_format: str | int = "GLB",
-        remove_background: str | int | None = None,
-        mc_resolution: int | None = None,
-        delivery: str | int | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        **options: Unpack[MeshOptions],
     ) -> MeshResult:
-        """Run one job to the end and return the mesh file.
-
-        Args:
-            image: Encoded input image bytes.
-            output_format: ``"GLB"``, ``"OBJ"`` or ``"PLY"``.
-            remove_background: ``"AUTO"``, ``"ALWAYS"``, ``"NEVER"``; None: server default.
-            mc_resolution: Marching-cubes grid resolution per axis.
-            delivery: ``"INLINE"``, ``"CHUNKED"``, ``"REFERENCE"`` or None.
-            timeout: Deadline in seconds; default the client's.
-            retries: Retries before the first event; default the client's.
-
-        Returns:
-            The mesh bytes, checked against their SHA-256, with vertex and face counts.
+        """Run one job to the end and return the mesh file (same arguments as ``generate``).
 
         Raises:
             ChecksumError: The received bytes do not match the announced SHA-256.
             KilnError: The call or the job failed.
         """
-        events = self.generate(
-            image,
-            output_format=output_format,
-            remove_background=remove_background,
-            mc_resolution=mc_resolution,
-            delivery=delivery,
-            timeout=timeout,
-            retries=retries,
-        )
-        collected = _stream.collect(events)
-        result = collected.result
-        if not isinstance(result, pb.Result):
-            raise KilnError("unexpected result type")
-        return MeshResult(
-            data=collected.data,
-            media_type=collected.artifact.media_type,
-            vertex_count=result.vertex_count,
-            face_count=result.face_count,
-            uri=collected.artifact.uri,
-            result=result,
-        )
+        return mesh_result(_stream.collect(self.generate(image, timeout=timeout, retries=retries, **options)))
+
+
+class AsyncMeshClient(AsyncServiceClient[pb_grpc.MeshProviderStub]):
+    """The asyncio form of `MeshClient`: the same calls, awaited; ``generate`` is an async iterator."""
+
+    _stub_type = pb_grpc.MeshProviderStub
+
+    async def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
+        """See `MeshClient.get_info`."""
+        response: pb.GetInfoResponse = await self._unary(self._stub.GetInfo, pb.GetInfoRequest(), timeout)
+        return response
+
+    def generate(
+        self,
+        image: bytes,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        **options: Unpack[MeshOptions],
+    ) -> AsyncGenerator[pb.GenerateResponse]:
+        """See `MeshClient.generate`; ``aclose()`` cancels the job (see ``contextlib.aclosing``)."""
+        request = _request(image, options)
+        deadline = self._deadline(timeout)
+
+        def start() -> AsyncIterator[pb.GenerateResponse]:
+            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[no-any-return]
+
+        return _stream.astream_events(start, retries=self._retry_count(retries))
+
+    async def generate_mesh(
+        self,
+        image: bytes,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        **options: Unpack[MeshOptions],
+    ) -> MeshResult:
+        """See `MeshClient.generate_mesh`."""
+        events = self.generate(image, timeout=timeout, retries=retries, **options)
+        return mesh_result(await _stream.acollect(events))

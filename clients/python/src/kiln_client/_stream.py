@@ -7,9 +7,10 @@ types, so the oneof members are read by name here.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -19,7 +20,6 @@ from google.protobuf.message import Message
 from kiln.common.v1 import artifact_pb2
 from kiln_client.errors import ChecksumError, KilnError, error_from_rpc_error, error_from_status
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 MAX_RETRY_DELAY_S = 10.0
 """Longest wait between attempts, whatever the server's RetryInfo asks."""
 _BACKOFF_S = 0.2
@@ -45,17 +45,6 @@ def enum_value(enum: _EnumWrapper, prefix: str, value: str | int | None) -> int:
         return enum.Value(name)
     except ValueError:
         raise ValueError(f"unknown value {value!r} for {prefix.rstrip('_').lower()}") from None
-
-
-def make_channel(target: str, *, max_message_bytes: int, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
-    """Open a channel with explicit send and receive caps."""
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
-    if credentials is None:
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, credentials, options=options)
 
 
 def stream_events(
@@ -90,9 +79,48 @@ def stream_events(
         finally:
             if not finished and isinstance(call, grpc.RpcContext):
                 call.cancel()  # the consumer stopped early, or the job failed in-band
-        delay = error.retry_delay_s if error.retry_delay_s is not None else _BACKOFF_S * 2**attempt
-        sleep(min(max(delay, 0.0), MAX_RETRY_DELAY_S))
+        sleep(_retry_delay(error, attempt))
         attempt += 1
+
+
+async def astream_events(
+    start: Callable[[], AsyncIterator[EventT]],
+    *,
+    retries: int,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncGenerator[EventT]:
+    """``stream_events`` for grpc.aio calls.
+
+    The same retry rule; the call is cancelled when the consumer stops early or the job fails in-band.
+    """
+    attempt = 0
+    while True:
+        call = start()
+        received = finished = False
+        try:
+            async for event in call:
+                received = True
+                if event.WhichOneof("event") == "error":
+                    raise error_from_status(getattr(event, "error"))  # noqa: B009 (generic event type)
+                yield event
+            finished = True
+            return
+        except grpc.RpcError as rpc_error:
+            finished = True
+            error = error_from_rpc_error(rpc_error)
+            if received or attempt >= retries or error.code not in _RETRYABLE:
+                raise error from rpc_error
+        finally:
+            if not finished and isinstance(call, grpc.aio.Call):
+                call.cancel()
+        await sleep(_retry_delay(error, attempt))
+        attempt += 1
+
+
+def _retry_delay(error: KilnError, attempt: int) -> float:
+    """The server's RetryInfo delay, else exponential backoff; capped either way."""
+    delay = error.retry_delay_s if error.retry_delay_s is not None else _BACKOFF_S * 2**attempt
+    return min(max(delay, 0.0), MAX_RETRY_DELAY_S)
 
 
 @dataclass(frozen=True)
@@ -104,22 +132,28 @@ class Collected:
     data: bytes | None
 
 
-def collect(events: Iterator[Message]) -> Collected:
-    """Drain a stream, reassemble chunks and verify the first artifact's SHA-256.
+class Collector:
+    """Reassembles a stream's chunks and checks the first artifact's SHA-256 on ``result``.
 
-    Returns:
-        The result and the artifact; ``data`` is None when the artifact came by reference only.
-
-    Raises:
-        ChecksumError: Inline or reassembled bytes do not match ``Artifact.sha256``.
-        KilnError: The stream failed, or ended without a result or artifact.
+    Fed one event at a time, so that the sync and asyncio loops (and the CLI, which also draws
+    progress) share it.
     """
-    chunks: dict[str, bytearray] = {}
-    for event in events:
+
+    def __init__(self) -> None:
+        self._chunks: dict[str, bytearray] = {}
+        self.collected: Collected | None = None
+
+    def add(self, event: Message) -> Collected | None:
+        """Take one event; returns the finished job on ``result``, else None.
+
+        Raises:
+            ChecksumError: A chunk arrived out of order, or the bytes do not match.
+            KilnError: The result holds no artifact.
+        """
         kind = event.WhichOneof("event")
         if kind == "chunk":
             chunk: artifact_pb2.ArtifactChunk = getattr(event, "chunk")  # noqa: B009
-            buffer = chunks.setdefault(chunk.artifact_id, bytearray())
+            buffer = self._chunks.setdefault(chunk.artifact_id, bytearray())
             if chunk.offset != len(buffer):
                 raise ChecksumError(f"chunk of {chunk.artifact_id} at offset {chunk.offset}, expected {len(buffer)}")
             buffer += chunk.data
@@ -132,13 +166,39 @@ def collect(events: Iterator[Message]) -> Collected:
             data: bytes | None
             if artifact.inline_data:
                 data = artifact.inline_data
-            elif artifact.id in chunks:
-                data = bytes(chunks[artifact.id])
+            elif artifact.id in self._chunks:
+                data = bytes(self._chunks.pop(artifact.id))
             else:
                 data = None
             if data is not None:
                 verify(artifact, data)
-            return Collected(result=result, artifact=artifact, data=data)
+            self.collected = Collected(result=result, artifact=artifact, data=data)
+        return self.collected
+
+
+def collect(events: Iterator[Message]) -> Collected:
+    """Drain a stream, reassemble chunks and verify the first artifact's SHA-256.
+
+    Returns:
+        The result and the artifact; ``data`` is None when the artifact came by reference only.
+
+    Raises:
+        ChecksumError: Inline or reassembled bytes do not match ``Artifact.sha256``.
+        KilnError: The stream failed, or ended without a result or artifact.
+    """
+    collector = Collector()
+    for event in events:
+        if (collected := collector.add(event)) is not None:
+            return collected
+    raise KilnError("stream ended without a result")
+
+
+async def acollect(events: AsyncIterator[Message]) -> Collected:
+    """``collect`` for an asyncio stream."""
+    collector = Collector()
+    async for event in events:
+        if (collected := collector.add(event)) is not None:
+            return collected
     raise KilnError("stream ended without a result")
 
 
