@@ -55,9 +55,58 @@ def _call_metadata(api_key: str | None, metadata: Sequence[tuple[str, str]]) -> 
 
 
 class _ClientCore(Generic[StubT]):
-    """Settings both client kinds keep; not used directly."""
+    """What both client kinds keep: construction, deadlines, retries, metadata."""
 
     _stub_type: Callable[[Any], StubT]
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: bool = False,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        retries: int = 2,
+    ) -> None:
+        channel = self._open_channel(target, _channel_options(max_message_bytes), _credentials(tls, credentials))
+        self._init(
+            channel, timeout=timeout, retries=retries, metadata=_call_metadata(api_key, metadata), owns_channel=True
+        )
+
+    @staticmethod
+    def _open_channel(
+        target: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+    ) -> Any:  # pragma: no cover - each client kind opens its own
+        raise NotImplementedError
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: Any,
+        *,
+        timeout: float | None = None,
+        retries: int = 2,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Self:
+        """Wrap an existing channel (``grpc.Channel``, or ``grpc.aio.Channel`` for the asyncio clients).
+
+        ``close`` leaves it open for its owner.
+
+        Args:
+            channel: The channel to use.
+            timeout: Default deadline in seconds for every call.
+            retries: Default retries before the first event.
+            metadata: Extra ``(key, value)`` pairs sent on every call.
+
+        Returns:
+            The client.
+        """
+        client = cls.__new__(cls)
+        client._init(channel, timeout=timeout, retries=retries, metadata=tuple(metadata), owns_channel=False)
+        return client
 
     def _init(
         self,
@@ -98,52 +147,13 @@ class ServiceClient(_ClientCore[StubT]):
             first event of a stream.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        tls: bool = False,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_key: str | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        retries: int = 2,
-    ) -> None:
-        options = _channel_options(max_message_bytes)
-        secure = _credentials(tls, credentials)
-        channel = (
-            grpc.insecure_channel(target, options=options)
-            if secure is None
-            else grpc.secure_channel(target, secure, options=options)
-        )
-        self._init(
-            channel, timeout=timeout, retries=retries, metadata=_call_metadata(api_key, metadata), owns_channel=True
-        )
-
-    @classmethod
-    def from_channel(
-        cls,
-        channel: grpc.Channel,
-        *,
-        timeout: float | None = None,
-        retries: int = 2,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> Self:
-        """Wrap an existing channel; ``close`` leaves it open for its owner.
-
-        Args:
-            channel: The channel to use.
-            timeout: Default deadline in seconds for every call.
-            retries: Default retries before the first event.
-            metadata: Extra ``(key, value)`` pairs sent on every call.
-
-        Returns:
-            The client.
-        """
-        client = cls.__new__(cls)
-        client._init(channel, timeout=timeout, retries=retries, metadata=tuple(metadata), owns_channel=False)
-        return client
+    @staticmethod
+    def _open_channel(
+        target: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+    ) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
     def close(self) -> None:
         """Close the channel (when the client opened it)."""
@@ -235,42 +245,13 @@ class AsyncServiceClient(_ClientCore[StubT]):
     Create it inside a running event loop (grpc.aio channels belong to the loop that made them).
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        tls: bool = False,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_key: str | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        retries: int = 2,
-    ) -> None:
-        options = _channel_options(max_message_bytes)
-        secure = _credentials(tls, credentials)
-        channel = (
-            grpc.aio.insecure_channel(target, options=options)
-            if secure is None
-            else grpc.aio.secure_channel(target, secure, options=options)
-        )
-        self._init(
-            channel, timeout=timeout, retries=retries, metadata=_call_metadata(api_key, metadata), owns_channel=True
-        )
-
-    @classmethod
-    def from_channel(
-        cls,
-        channel: grpc.aio.Channel,
-        *,
-        timeout: float | None = None,
-        retries: int = 2,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> Self:
-        """Wrap an existing grpc.aio channel; ``close`` leaves it open for its owner."""
-        client = cls.__new__(cls)
-        client._init(channel, timeout=timeout, retries=retries, metadata=tuple(metadata), owns_channel=False)
-        return client
+    @staticmethod
+    def _open_channel(
+        target: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+    ) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
     async def close(self) -> None:
         """Close the channel (when the client opened it)."""

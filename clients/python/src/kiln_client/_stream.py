@@ -66,20 +66,16 @@ def stream_events(
         try:
             for event in call:
                 received = True
-                if event.WhichOneof("event") == "error":
-                    raise error_from_status(getattr(event, "error"))  # noqa: B009 (generic event type)
-                yield event
+                yield _checked(event)
             finished = True
             return
         except grpc.RpcError as rpc_error:
             finished = True
-            error = error_from_rpc_error(rpc_error)
-            if received or attempt >= retries or error.code not in _RETRYABLE:
-                raise error from rpc_error
+            delay = _delay_before_retry(rpc_error, received=received, attempt=attempt, retries=retries)
         finally:
             if not finished and isinstance(call, grpc.RpcContext):
                 call.cancel()  # the consumer stopped early, or the job failed in-band
-        sleep(_retry_delay(error, attempt))
+        sleep(delay)
         attempt += 1
 
 
@@ -100,21 +96,32 @@ async def astream_events(
         try:
             async for event in call:
                 received = True
-                if event.WhichOneof("event") == "error":
-                    raise error_from_status(getattr(event, "error"))  # noqa: B009 (generic event type)
-                yield event
+                yield _checked(event)
             finished = True
             return
         except grpc.RpcError as rpc_error:
             finished = True
-            error = error_from_rpc_error(rpc_error)
-            if received or attempt >= retries or error.code not in _RETRYABLE:
-                raise error from rpc_error
+            delay = _delay_before_retry(rpc_error, received=received, attempt=attempt, retries=retries)
         finally:
             if not finished and isinstance(call, grpc.aio.Call):
                 call.cancel()
-        await sleep(_retry_delay(error, attempt))
+        await sleep(delay)
         attempt += 1
+
+
+def _checked(event: EventT) -> EventT:
+    """The event, unless it is the in-band ``error``, which is raised as a `KilnError`."""
+    if event.WhichOneof("event") == "error":
+        raise error_from_status(getattr(event, "error"))  # noqa: B009 (generic event type)
+    return event
+
+
+def _delay_before_retry(rpc_error: grpc.RpcError, *, received: bool, attempt: int, retries: int) -> float:
+    """Seconds to wait before the next attempt, or raise the call's `KilnError` if none is due."""
+    error = error_from_rpc_error(rpc_error)
+    if received or attempt >= retries or error.code not in _RETRYABLE:
+        raise error from rpc_error
+    return _retry_delay(error, attempt)
 
 
 def _retry_delay(error: KilnError, attempt: int) -> float:
