@@ -6,12 +6,16 @@ settings. It follows the recipe in /work/shared/notes/envoy_gateway.md §3.3; th
 comments are the pitfalls of §5 that the setting exists for.
 
 One listener serves native gRPC (h2c), gRPC-Web and JSON (HTTP/1.1 or h2) through the filter
-chain CORS → grpc_web → grpc_json_transcoder → router; one cluster per model service.
+chain health_check → CORS → grpc_web → grpc_json_transcoder → router; one cluster per model service.
+
+The same function renders the config baked into the gateway container image and its Kubernetes
+ConfigMap (`container.py`): there the static files are named, not listed from this machine's disk.
 """
 
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,14 @@ ARTIFACTS = Service("img2img", "kiln.artifacts.v1.ArtifactProvider", "/v1/artifa
 #: on one replica says nothing about another. connect-failure and refused-stream happen before
 #: the request reached a server, so they are safe too. Never `reset`: it could run a job twice.
 RETRY_ON = "resource-exhausted,unavailable,connect-failure,refused-stream"
+
+#: Answered by Envoy itself on the public listener: 200 while it serves, 503 once it drains
+#: (admin `POST /healthcheck/fail`). The admin listener stays on 127.0.0.1, so probes from
+#: outside the process (a kubelet, Docker) use this path instead of admin `/ready`.
+HEALTH_PATH = "/healthz"
+#: The direct-response cap when the static files are named rather than read (a container render):
+#: their sizes are unknown here, and Envoy refuses to load a file larger than the cap.
+NAMED_STATIC_FILES_MAX_BYTES = 4 << 20
 
 
 def _seconds(value: float) -> str:
@@ -78,12 +90,28 @@ def _web_root(settings: GatewaySettings) -> Path:
     return root if (root / "index.html").is_file() else PLACEHOLDER_WEB_ROOT
 
 
-def _static_files(settings: GatewaySettings) -> list[tuple[str, Path]]:
-    """(URL path, file) for every file of the web root; index.html is also `/`."""
+def _static_files(settings: GatewaySettings, web_files: Sequence[str] | None) -> list[tuple[str, Path]]:
+    """(URL path, file) for every file of the web root; index.html is also `/`.
+
+    With `web_files`, those names under `settings.web_root` are served as they will exist where
+    Envoy runs (a container image); nothing is read from this machine.
+    """
+    if web_files is not None:
+        if "index.html" not in web_files:
+            raise ValueError("web_files must include index.html (it is also served at /)")
+        root = settings.web_root
+        return [("/", root / "index.html"), *((f"/{name}", root / name) for name in web_files)]
     root = _web_root(settings).resolve()
     files = sorted(path for path in root.rglob("*") if path.is_file())
     pairs = [(f"/{path.relative_to(root).as_posix()}", path) for path in files]
     return [("/", root / "index.html"), *pairs]
+
+
+def _direct_response_cap(files: list[tuple[str, Path]], named: bool) -> int:
+    # The default (4 KiB) is too small for the page and its script bundle.
+    if named:
+        return NAMED_STATIC_FILES_MAX_BYTES
+    return max(1 << 20, *(path.stat().st_size for _, path in files))
 
 
 def _static_route(url: str, path: Path) -> dict[str, Any]:
@@ -107,9 +135,9 @@ def _static_route(url: str, path: Path) -> dict[str, Any]:
     }
 
 
-def _routes(settings: GatewaySettings) -> list[dict[str, Any]]:
+def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     idle = _seconds(settings.stream_idle_timeout_s)
-    routes = [_static_route(url, path) for url, path in _static_files(settings)]
+    routes = [_static_route(url, path) for url, path in static_files]
     for service in (*SERVICES, ARTIFACTS):
         action = {
             "cluster": service.cluster,
@@ -143,6 +171,15 @@ def _routes(settings: GatewaySettings) -> list[dict[str, Any]]:
 
 def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
     return [
+        {
+            # First, so a probe never reaches CORS, the transcoder or an upstream.
+            "name": "envoy.filters.http.health_check",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.health_check.v3.HealthCheck",
+                pass_through_mode=False,
+                headers=[{"name": ":path", "string_match": {"exact": HEALTH_PATH}}],
+            ),
+        },
         {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
         {
             "name": "envoy.filters.http.grpc_web",
@@ -200,7 +237,8 @@ def _local_reply_config() -> dict[str, Any]:
     }
 
 
-def _listener(settings: GatewaySettings) -> dict[str, Any]:
+def _listener(settings: GatewaySettings, web_files: Sequence[str] | None) -> dict[str, Any]:
+    static_files = _static_files(settings, web_files)
     manager: dict[str, Any] = {
         "stat_prefix": "kiln",
         # HTTP/1.1 for browsers and curl, h2c for gRPC clients, on one port.
@@ -210,16 +248,13 @@ def _listener(settings: GatewaySettings) -> dict[str, Any]:
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "kiln",
-            # The default (4 KiB) is too small for the page and its script bundle.
-            "max_direct_response_body_size_bytes": max(
-                1 << 20, *(path.stat().st_size for _, path in _static_files(settings))
-            ),
+            "max_direct_response_body_size_bytes": _direct_response_cap(static_files, web_files is not None),
             "virtual_hosts": [
                 {
                     "name": "kiln",
                     "domains": ["*"],
                     "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
-                    "routes": _routes(settings),
+                    "routes": _routes(settings, static_files),
                 }
             ],
         },
@@ -315,11 +350,14 @@ def _cluster(settings: GatewaySettings, service: Service, upstreams: list[str]) 
     }
 
 
-def render_config(settings: GatewaySettings) -> str:
+def render_config(settings: GatewaySettings, *, web_files: Sequence[str] | None = None) -> str:
     """Render the Envoy bootstrap for `settings` as YAML.
 
     Args:
         settings: The gateway settings; the descriptor path is made absolute.
+        web_files: Names of the static files under `settings.web_root` where Envoy will run
+            (must include index.html); None serves every file found there now (or the
+            placeholder page).
 
     Returns:
         The YAML text of a complete static Envoy bootstrap (listener, clusters, admin).
@@ -330,7 +368,7 @@ def render_config(settings: GatewaySettings) -> str:
             "address": _address("127.0.0.1", settings.admin_port),
         },
         "static_resources": {
-            "listeners": [_listener(settings)],
+            "listeners": [_listener(settings, web_files)],
             "clusters": [
                 _cluster(settings, SERVICES[0], settings.img2img_upstreams),
                 _cluster(settings, SERVICES[1], settings.mesh_upstreams),

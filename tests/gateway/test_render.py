@@ -8,6 +8,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from gateway.kiln_gateway import Envoy, EnvoyError, GatewaySettings, render_config, validate_config
+from gateway.kiln_gateway.render import HEALTH_PATH
 from gateway.kiln_gateway.settings import PLACEHOLDER_WEB_ROOT
 
 
@@ -48,8 +49,11 @@ def test_config_has_the_recipe_must_haves() -> None:
     (listener,) = config["static_resources"]["listeners"]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"].rsplit(".", 1)[1] for f in manager["http_filters"]]
-    assert names == ["cors", "grpc_web", "grpc_json_transcoder", "router"]
-    transcoder = manager["http_filters"][2]["typed_config"]
+    assert names == ["health_check", "cors", "grpc_web", "grpc_json_transcoder", "router"]
+    health_check = manager["http_filters"][0]["typed_config"]
+    assert health_check["pass_through_mode"] is False
+    assert health_check["headers"] == [{"name": ":path", "string_match": {"exact": HEALTH_PATH}}]
+    transcoder = manager["http_filters"][3]["typed_config"]
     assert transcoder["max_response_body_size"] == 16 << 20
     assert transcoder["print_options"]["stream_sse_style_delimited"] is True
     assert Path(transcoder["proto_descriptor"]).is_absolute()
@@ -109,7 +113,7 @@ def test_invalid_config_raises_with_envoys_reason(tmp_path: Path) -> None:
 def test_json_stream_format(stream_format: str, sse: bool, ndjson: bool) -> None:
     config = yaml.safe_load(render_config(settings(json_stream_format=stream_format)))
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    options = manager["http_filters"][2]["typed_config"]["print_options"]
+    options = manager["http_filters"][3]["typed_config"]["print_options"]
     assert options["stream_sse_style_delimited"] is sse
     assert options["stream_newline_delimited"] is ndjson
 
@@ -139,3 +143,26 @@ def test_web_root_without_index_serves_the_placeholder(tmp_path: Path) -> None:
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     (page,) = [r for r in manager["route_config"]["virtual_hosts"][0]["routes"] if r["match"].get("path") == "/"]
     assert Path(page["direct_response"]["body"]["filename"]) == PLACEHOLDER_WEB_ROOT.resolve() / "index.html"
+
+
+def test_named_web_files_are_served_without_reading_the_disk(tmp_path: Path) -> None:
+    # A container render names the files the image will hold; none of them exists here.
+    web_root = tmp_path / "not-here"
+    config = yaml.safe_load(render_config(settings(web_root=web_root), web_files=["index.html", "app.js"]))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    served = {
+        r["match"]["path"]: r["direct_response"]["body"]["filename"]
+        for r in manager["route_config"]["virtual_hosts"][0]["routes"]
+        if "direct_response" in r
+    }
+    assert served == {
+        "/": str(web_root / "index.html"),
+        "/index.html": str(web_root / "index.html"),
+        "/app.js": str(web_root / "app.js"),
+    }
+    assert manager["route_config"]["max_direct_response_body_size_bytes"] == 4 << 20
+
+
+def test_named_web_files_need_an_index() -> None:
+    with pytest.raises(ValueError, match=r"index\.html"):
+        render_config(settings(), web_files=["app.js"])
