@@ -1,0 +1,70 @@
+# syntax=docker/dockerfile:1
+# Kiln's img2img server (kiln-img2img). Build from the repository root; VARIANT picks the image:
+#   docker build -f deploy/docker/img2img.Dockerfile --build-arg VARIANT=gpu -t kiln/img2img:gpu .
+#   docker build -f deploy/docker/img2img.Dockerfile --build-arg VARIANT=cpu -t kiln/img2img:cpu .
+# mesh.Dockerfile is this file with the mesh names; keep the two in step (tests/deploy compares them).
+ARG VARIANT=gpu
+# PyPI's torch 2.13.0 Linux wheel is the CUDA 13.0 build; the base matches its CUDA version.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+# Same Python minor as the GPU image's (Ubuntu 24.04 ships 3.12).
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+# ---- the two bases: everything that differs between the variants lives here
+FROM ${PYTHON_IMAGE} AS base-cpu
+ENV KILN_TORCH_INDEX=https://download.pytorch.org/whl/cpu \
+    KILN_IMG2IMG__RUNTIME__DEVICE=cpu
+
+FROM ${CUDA_IMAGE} AS base-gpu
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+# The torch wheel brings its own CUDA libraries; the base brings the driver hooks. A named
+# device that is missing is a startup error, so a GPU image never falls back to the CPU silently.
+ENV KILN_TORCH_INDEX=https://pypi.org/simple \
+    KILN_IMG2IMG__RUNTIME__DEVICE=cuda
+
+# ---- build: a virtualenv with torch first (pinned), then Kiln, in /opt/kiln
+# hadolint ignore=DL3006
+FROM base-${VARIANT} AS build
+ARG TORCH_VERSION=2.13.0
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/kiln/bin:$PATH
+RUN python3 -m venv /opt/kiln \
+    && pip install --index-url "$KILN_TORCH_INDEX" "torch==${TORCH_VERSION}" \
+    && echo "torch==${TORCH_VERSION}" > /opt/kiln/torch-constraint.txt
+COPY clients/python/ /src/clients/python/
+COPY pyproject.toml /src/
+COPY services/ /src/services/
+# The constraint keeps a dependency (accelerate, rembg) from swapping torch for another build.
+RUN pip install --constraint /opt/kiln/torch-constraint.txt /src/clients/python /src \
+    # rembg's first import JIT-compiles pymatting for about a minute: pay it here, not at startup.
+    && python -c "import rembg"
+
+# ---- the image
+# hadolint ignore=DL3006
+FROM base-${VARIANT}
+COPY --from=build /opt/kiln /opt/kiln
+COPY deploy/docker/fetch-models.sh /usr/local/bin/kiln-fetch-models
+# A fixed numeric user, so Kubernetes' runAsNonRoot can check it; /models and /data are its own.
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/kiln kiln \
+    && mkdir -p /models /data \
+    && chown kiln:kiln /models /data
+ENV PATH=/opt/kiln/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/models/huggingface \
+    U2NET_HOME=/models/rembg \
+    KILN_STORAGE__DATA_DIR=/data \
+    KILN_IMG2IMG__SERVER__HOST=0.0.0.0 \
+    KILN_IMG2IMG__SERVER__PORT=50051 \
+    KILN_IMG2IMG__SERVER__METRICS_PORT=9091
+# The model cache (Hugging Face hub cache, rembg models) and the artifacts outlive the container.
+VOLUME ["/models", "/data"]
+USER 10001:10001
+WORKDIR /home/kiln
+EXPOSE 50051 9091
+# NOT_SERVING until the model is loaded and warm: a first start downloads several GB.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 \
+    CMD ["sh", "-c", "exec python -m kiln_runtime.healthcheck --port \"$KILN_IMG2IMG__SERVER__PORT\" --service kiln.img2img.v1.Img2ImgProvider"]
+# SIGTERM: NOT_SERVING at once, in-flight jobs drain for KILN_IMG2IMG__SERVER__SHUTDOWN_GRACE_S.
+CMD ["kiln-img2img"]

@@ -1,0 +1,174 @@
+"""Helpers for the deploy checks: paths, a small Dockerfile reader, kustomize, setting names."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped]
+from pydantic import BaseModel
+
+from kiln_img2img.config import Img2ImgSettings
+from kiln_mesh.config import MeshSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DOCKER = DEPLOY / "docker"
+K8S = DEPLOY / "k8s"
+OVERLAYS = ("cpu", "gpu")
+MODEL_SERVERS = ("img2img", "mesh")
+DOCKERFILES = {name: DOCKER / f"{name}.Dockerfile" for name in (*MODEL_SERVERS, "gateway")}
+#: Oldest Kubernetes the manifests are written for: native gRPC probes (1.27), the preStop
+#: `sleep` action (beta, on by default, 1.30), PDB unhealthyPodEvictionPolicy (1.31).
+K8S_MIN_VERSION = "1.32"
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One Dockerfile instruction: its keyword (upper case), arguments, and 1-based line."""
+
+    keyword: str
+    args: str
+    line: int
+
+    def words(self) -> list[str]:
+        """The arguments as a list: JSON (exec) form as written, shell form split like sh."""
+        text = self.args.strip()
+        if text.startswith("["):
+            value: list[str] = json.loads(text)
+            return value
+        return shlex.split(text)
+
+
+def read_dockerfile(path: Path) -> list[Instruction]:
+    """Instructions with continuation lines joined and comments (incl. parser directives) dropped."""
+    instructions: list[Instruction] = []
+    pending = ""
+    start = 0
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if not pending:
+            start = number
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        text = pending + stripped
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip(), start))
+    assert not pending, f"{path}: a continuation line never ends"
+    return instructions
+
+
+def stages(instructions: list[Instruction]) -> dict[str, list[Instruction]]:
+    """Instructions per build stage, keyed by the stage's alias ("" for the unnamed final stage)."""
+    result: dict[str, list[Instruction]] = {}
+    current: list[Instruction] = []
+    for instruction in instructions:
+        if instruction.keyword == "FROM":
+            words = instruction.words()
+            alias = words[2] if len(words) == 3 and words[1].upper() == "AS" else ""
+            current = result.setdefault(alias, [])
+        current.append(instruction)
+    return result
+
+
+def env_of(instructions: list[Instruction]) -> dict[str, str]:
+    """Every ENV key=value of the instructions (later ones win)."""
+    env: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.keyword == "ENV":
+            for word in instruction.words():
+                key, _, value = word.partition("=")
+                env[key] = value
+    return env
+
+
+def kubectl() -> str:
+    """The kubectl binary, or a skip that says how to get it (CI and the dev machine have it)."""
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.skip("kubectl not found: these checks render the overlays with `kubectl kustomize` (install kubectl)")
+    return path
+
+
+@functools.cache
+def _kustomize(overlay: str) -> str:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize overlays/{overlay} failed:\n{result.stderr}"
+    return result.stdout
+
+
+def render_overlay(overlay: str) -> list[dict[str, Any]]:
+    """The overlay's manifests as `kubectl kustomize` renders them (rendered once per session)."""
+    return [doc for doc in yaml.safe_load_all(_kustomize(overlay)) if doc]
+
+
+def find(manifests: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The one manifest of `kind` whose name is `name` (generated names keep their hash suffix)."""
+    matches = [
+        m
+        for m in manifests
+        if m["kind"] == kind and (m["metadata"]["name"] == name or m["metadata"]["name"].startswith(f"{name}-"))
+    ]
+    assert len(matches) == 1, f"expected one {kind} {name}, found {[m['metadata']['name'] for m in matches]}"
+    return matches[0]
+
+
+def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    (match,) = [c for c in containers if c["name"] == name]
+    result: dict[str, Any] = match
+    return result
+
+
+def env_value(container_spec: dict[str, Any], name: str) -> str | None:
+    for item in container_spec.get("env", []):
+        if item["name"] == name:
+            value: str = item["value"]
+            return value
+    return None
+
+
+#: The settings root each KILN_ section belongs to.
+_SETTINGS: dict[str, type[BaseModel]] = {"IMG2IMG": Img2ImgSettings, "MESH": MeshSettings}
+
+
+def is_setting(env_name: str) -> bool:
+    """Whether `env_name` (KILN_A__B__C) names a field of the servers' settings.
+
+    Walks the pydantic models field by field, so a misspelt or invented name (which
+    pydantic-settings would silently ignore) is caught.
+    """
+    if not env_name.startswith("KILN_"):
+        return False
+    path = env_name.removeprefix("KILN_").lower().split("__")
+    roots = [_SETTINGS[path[0].upper()]] if path[0].upper() in _SETTINGS else list(_SETTINGS.values())
+    return any(_has_path(root, path) for root in roots)
+
+
+def _has_path(model: type[BaseModel], path: list[str]) -> bool:
+    field = model.model_fields.get(path[0])
+    if field is None:
+        return False
+    if len(path) == 1:
+        return True
+    annotation = field.annotation
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel) and _has_path(annotation, path[1:])

@@ -1,0 +1,106 @@
+"""deploy/compose.yaml parses, names files that exist, and agrees with the images and the code.
+
+No Docker Compose runs here (docker client only), so the file is read as YAML; someone with
+Compose also runs `docker compose -f deploy/compose.yaml config` (deploy/README.md).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+from gateway.kiln_gateway.container import CONFIG_PATH, UPSTREAMS
+from kiln_runtime.settings import ServerSettings
+from tests.deploy.support import DEPLOY, DOCKERFILES, MODEL_SERVERS, env_of, is_setting, read_dockerfile, stages
+
+COMPOSE = DEPLOY / "compose.yaml"
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def image_env(name: str) -> dict[str, str]:
+    return env_of(stages(read_dockerfile(DOCKERFILES[name]))[""])
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, f"write durations as whole seconds: {duration!r}"
+    return float(match.group(1))
+
+
+def test_services_and_their_builds() -> None:
+    services = compose()["services"]
+    assert {"img2img", "mesh", "gateway", "prometheus"} <= set(services)
+    for name in (*MODEL_SERVERS, "gateway"):
+        build = services[name]["build"]
+        context = (DEPLOY / build["context"]).resolve()
+        assert context.is_dir(), name
+        dockerfile = (context / build["dockerfile"]).resolve()
+        assert dockerfile == DOCKERFILES[name].resolve(), name
+    for name in MODEL_SERVERS:
+        assert services[name]["build"]["args"]["VARIANT"] == "gpu"
+        assert services[name]["image"] == f"kiln/{name}:gpu"
+
+
+@pytest.mark.parametrize("name", MODEL_SERVERS)
+def test_model_servers_reserve_a_gpu(name: str) -> None:
+    (device,) = compose()["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert "gpu" in device["capabilities"]
+    assert ("count" in device) != ("device_ids" in device)  # Compose accepts one or the other
+
+
+@pytest.mark.parametrize("name", MODEL_SERVERS)
+def test_model_cache_volume_and_drain(name: str) -> None:
+    data = compose()
+    service = data["services"][name]
+    mounts = {volume.rsplit(":", 1)[1]: volume.rsplit(":", 1)[0] for volume in service["volumes"]}
+    (image_volumes,) = [i.words() for i in stages(read_dockerfile(DOCKERFILES[name]))[""] if i.keyword == "VOLUME"]
+    assert set(image_volumes) <= set(mounts)
+    assert mounts["/models"] == "${KILN_MODELS:-models}"
+    assert {"models", "artifacts"} <= set(data["volumes"])
+    grace = service["environment"].get(f"KILN_{name.upper()}__SERVER__SHUTDOWN_GRACE_S")
+    drain_s = float(grace) if grace is not None else ServerSettings().shutdown_grace_s
+    # Docker sends SIGKILL after stop_grace_period (default 10 s): it must outlast the drain.
+    assert seconds(service["stop_grace_period"]) > drain_s
+
+
+def test_environment_names_are_real_settings() -> None:
+    names = {key for service in compose()["services"].values() for key in service.get("environment", {})}
+    assert names and [n for n in sorted(names) if n.startswith("KILN_") and not is_setting(n)] == []
+
+
+def test_the_gateway_reaches_the_servers_by_service_name() -> None:
+    services = compose()["services"]
+    for name in MODEL_SERVERS:
+        host, _, port = UPSTREAMS[name].partition(":")
+        assert host in services, f"the gateway config expects a service called {host}"
+        assert image_env(name)[f"KILN_{name.upper()}__SERVER__PORT"] == port
+    listener = yaml.safe_load(CONFIG_PATH.read_text())["static_resources"]["listeners"][0]
+    port = listener["address"]["socket_address"]["port_value"]
+    assert any(str(published).endswith(f":{port}:{port}") for published in services["gateway"]["ports"])
+
+
+def test_prometheus_scrapes_the_metrics_ports() -> None:
+    prometheus = compose()["services"]["prometheus"]
+    assert prometheus["profiles"] == ["metrics"]
+    source, target = prometheus["volumes"][0].split(":")[:2]
+    assert (DEPLOY / source).is_file() and target == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((DEPLOY / source).read_text())
+    targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    assert targets == {
+        f"{name}:{image_env(name)[f'KILN_{name.upper()}__SERVER__METRICS_PORT']}" for name in MODEL_SERVERS
+    }
+
+
+def test_the_fetch_profile_runs_the_script_on_the_cache() -> None:
+    fetch = compose()["services"]["fetch-models"]
+    assert fetch["profiles"] == ["fetch"]
+    assert fetch["command"] == ["kiln-fetch-models"]
+    assert "${KILN_MODELS:-models}:/models" in fetch["volumes"]
