@@ -92,6 +92,18 @@ def cancelled_generates(stack: Stack) -> float:
     return stack.img2img.metric("kiln_requests_total", method="Generate", code="CANCELLED")
 
 
+def wait_idle(stack: Stack, timeout_s: float = 10) -> None:
+    """Wait until img2img runs nothing and queues nothing (its own gauges)."""
+
+    def busy() -> float:
+        return stack.img2img.metric("kiln_inflight_runs") + stack.img2img.metric("kiln_queue_depth")
+
+    deadline = time.monotonic() + timeout_s
+    while busy() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert busy() == 0, stack.img2img.metrics()
+
+
 def test_generate_shows_progress_then_the_result(tabs: Tabs, stack: Stack) -> None:
     tab = tabs.open()
     page = tab.page
@@ -117,9 +129,10 @@ def test_generate_shows_progress_then_the_result(tabs: Tabs, stack: Stack) -> No
     progress_times = [e["t"] for e in events if e["kind"] == "progress"]
     result_time = events[-1]["t"]
     assert len(progress_times) >= 18, names
-    # Streamed, not buffered: progress arrived over time, well before the result.
-    assert result_time - progress_times[0] > 300, (progress_times[0], result_time)
-    assert len({round(t / 50) for t in progress_times}) >= 6, progress_times
+    # Streamed, not buffered: progress arrived spread over time, before the result (the DOM check
+    # above already saw a step on screen while the result was not there).
+    assert progress_times[-1] - progress_times[0] > 100 and progress_times[0] < result_time, events
+    assert len({round(t / 10) for t in progress_times}) >= 5, progress_times
     assert names.count("preview-shown") >= 5, names
 
     pixels = page.evaluate(DISTINCT_COLOURS_JS, "#result-img")
@@ -230,7 +243,7 @@ def test_cancel_stops_the_run_and_frees_the_slot(tabs: Tabs, stack: Stack) -> No
     while cancelled_generates(stack) < cancelled_before + 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert cancelled_generates(stack) == cancelled_before + 1
-    assert stack.img2img.metric("kiln_inflight_runs") == 0
+    wait_idle(stack)
     assert not (stack.output_dir / long_job).exists()
 
 
@@ -258,10 +271,7 @@ def test_busy_server_says_when_to_retry(tabs: Tabs, stack: Stack) -> None:
     for tab in (waiting, running):
         tab.page.click("#cancel")
         tab.page.wait_for_selector("#gen-alert[data-kind='cancelled']", timeout=15_000)
-    deadline = time.monotonic() + 10
-    while stack.img2img.metric("kiln_inflight_runs") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert stack.img2img.metric("kiln_inflight_runs") == 0
+    wait_idle(stack)
 
 
 def server_violation(stack: Stack, **fields: Any) -> tuple[str, str]:

@@ -162,6 +162,8 @@ function hideAlert(box: HTMLElement): void {
   const timer = countdowns.get(box);
   if (timer) clearInterval(timer);
   box.replaceChildren();
+  delete box.dataset.kind;
+  delete box.dataset.code;
   show(box, false);
 }
 
@@ -172,7 +174,9 @@ function showAlert(box: HTMLElement, scope: ServiceName, ui: UiError, retry?: ()
   const unplaced = ui.fields.filter((problem) => !showFieldError(scope, problem));
   const body = el("div", "alert-body");
   body.append(el("strong", "alert-title", ui.title));
-  if (ui.kind !== "cancelled" && ui.message) body.append(el("p", "alert-message", ui.message));
+  // When every problem sits next to its field, the server's summary would only repeat them.
+  const placedAll = ui.fields.length > 0 && unplaced.length === 0;
+  if (ui.kind !== "cancelled" && ui.message && !placedAll) body.append(el("p", "alert-message", ui.message));
   if (unplaced.length) {
     const list = el("ul", "alert-fields");
     for (const problem of unplaced) list.append(el("li", "", fieldSentence(problem)));
@@ -203,7 +207,10 @@ function showAlert(box: HTMLElement, scope: ServiceName, ui: UiError, retry?: ()
   dismiss.type = "button";
   dismiss.addEventListener("click", () => hideAlert(box));
   actions.append(dismiss);
-  if (ui.kind !== "cancelled") actions.append(el("span", "alert-code", ui.status + (ui.reason ? ` · ${ui.reason}` : "")));
+  if (ui.kind !== "cancelled") {
+    const reason = ui.reason && ui.reason !== ui.status ? ` · ${ui.reason}` : "";
+    actions.append(el("span", "alert-code", ui.status + reason));
+  }
   box.append(body, actions);
   show(box);
   const firstInvalid = (scope === "img2img" ? $("input-panel") : $("mesh-panel")).querySelector<HTMLElement>("[aria-invalid]");
@@ -223,6 +230,19 @@ function setBar(bar: HTMLElement, fraction: number, text: string): void {
 
 function etaText(eta: number | undefined): string {
   return eta === undefined ? "" : `about ${formatSeconds(eta)} left`;
+}
+
+function waitText(eta: number | undefined): string {
+  return eta === undefined ? "" : `starts in about ${formatSeconds(eta)}`;
+}
+
+/** Screen readers hear phase changes (queued, denoising, done), not every step. */
+function announce(region: string, text: string): void {
+  const live = $(region);
+  if (live.dataset.last !== text) {
+    live.dataset.last = text;
+    live.textContent = text;
+  }
 }
 
 const IMG2IMG_STAGES: Partial<Record<Stage, string>> = {
@@ -389,6 +409,8 @@ async function setInput(blob: Blob, name: string): Promise<void> {
   const errorBox = $("err-image");
   errorBox.textContent = "";
   $("drop").removeAttribute("aria-invalid");
+  // A complaint about the previous image no longer applies.
+  if ($("gen-alert").dataset.code === "INVALID_ARGUMENT") hideAlert($("gen-alert"));
   const maxBytes = status.img2img ? Number(status.img2img.maxImageBytes) : 0;
   if (maxBytes && blob.size > maxBytes) {
     errorBox.textContent = `Image is ${formatBytes(blob.size)}, more than the ${formatBytes(maxBytes)} the server accepts. Use a smaller file.`;
@@ -594,11 +616,13 @@ async function generate(): Promise<void> {
       stageLabel.textContent = event.queuePosition > 0 ? `Queued · ${event.queuePosition} ahead` : "Starting…";
     },
     queued: (event) => {
+      announce("gen-announce", "Queued");
       stageLabel.textContent = `Queued · position ${event.position}`;
-      eta.textContent = etaText(seconds(event.eta)).replace("left", "wait");
+      eta.textContent = waitText(seconds(event.eta));
       setBar(bar, 0, stageLabel.textContent);
     },
     progress: (event) => {
+      announce("gen-announce", IMG2IMG_STAGES[event.stage] ?? "Working");
       const text = `${IMG2IMG_STAGES[event.stage] ?? "Working"}${stepText(event)}`;
       stageLabel.textContent = text;
       eta.textContent = etaText(seconds(event.eta));
@@ -618,6 +642,7 @@ async function generate(): Promise<void> {
     if (!file) throw new Error("the result carried no image");
     setBar(bar, 1, "Done");
     stageLabel.textContent = "Done";
+    announce("gen-announce", "The image is ready");
     eta.textContent = "";
     await showResult({
       jobId: outcome.jobId,
@@ -867,10 +892,11 @@ async function makeMesh(image: Uint8Array<ArrayBuffer>, sourceUrl: string, sourc
     },
     queued: (event) => {
       label.textContent = `Queued · position ${event.position}`;
-      eta.textContent = etaText(seconds(event.eta)).replace("left", "wait");
+      eta.textContent = waitText(seconds(event.eta));
     },
     progress: (event) => {
       const row = MESH_STAGE_ROWS[event.stage] ?? "encode";
+      announce("mesh-announce", MESH_LABELS[row]);
       const steps = event.totalSteps > 0 ? `${event.step} / ${event.totalSteps}` : "";
       setMeshRow(row, steps);
       label.textContent = MESH_LABELS[row] + (steps ? ` · ${steps}` : "");
@@ -893,6 +919,7 @@ async function makeMesh(image: Uint8Array<ArrayBuffer>, sourceUrl: string, sourc
     $("viewer").dataset.state = "loading";
     const stats = await viewer.load(file.bytes);
     logEvent("mesh", "viewer-loaded");
+    announce("mesh-announce", "The mesh is ready");
     setMeshRow("done");
     setBar(bar, 1, "Done");
     show($("mesh-progress"), false);
