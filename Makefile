@@ -55,9 +55,10 @@ chromium: ## Install Chromium (Debian `chromium`) for the browser tests, unless 
 		sudo apt-get update && sudo apt-get install -y chromium; \
 	else echo "The browser tests need Chromium: run 'apt-get install chromium' as root (no root or sudo here)." >&2; exit 1; fi
 
-gen: setup ## Regenerate Python and TypeScript stubs and the gateway descriptor from protos/
+gen: setup ## Regenerate stubs (Python, TypeScript), the gateway descriptor and its container config
 	$(PY) protos/generate.py
 	cd $(WEB) && npm run --silent gen
+	$(PY) deploy/render_gateway.py
 
 check-gen: setup ## Fail if the committed generated code is stale
 	$(PY) protos/generate.py --check
@@ -80,6 +81,7 @@ bench: setup ## Run the benchmarks (ratios against in-process baselines)
 	$(PY) benchmarks/img2img_overhead.py
 	$(PY) benchmarks/mesh_stages.py
 	$(PY) benchmarks/gateway_overhead.py
+	$(PY) benchmarks/client_overhead.py
 
 up: setup ## Start the stack in the foreground (Ctrl-C stops it); see README
 	$(PY) deploy/local_stack.py up

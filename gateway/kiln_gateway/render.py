@@ -169,6 +169,27 @@ def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> 
     return routes
 
 
+#: Media types the gateway gzips: the page's files (the script bundle shrinks about 4x). Never
+#: gRPC, gRPC-Web or event streams: compressing a stream would hold events back.
+COMPRESSED_TYPES = ("text/html", "text/css", "text/javascript", "application/javascript")
+
+
+def _compressor() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.compressor",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.compressor.v3.Compressor",
+            response_direction_config={
+                "common_config": {"min_content_length": 1024, "content_type": list(COMPRESSED_TYPES)},
+            },
+            compressor_library={
+                "name": "gzip",
+                "typed_config": _typed("envoy.extensions.compression.gzip.compressor.v3.Gzip"),
+            },
+        ),
+    }
+
+
 def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
     return [
         {
@@ -180,6 +201,7 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
                 headers=[{"name": ":path", "string_match": {"exact": HEALTH_PATH}}],
             ),
         },
+        _compressor(),
         {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
         {
             "name": "envoy.filters.http.grpc_web",

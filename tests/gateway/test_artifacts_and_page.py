@@ -16,7 +16,7 @@ from kiln.artifacts.v1 import artifact_service_pb2 as artifacts
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as artifacts_grpc
 from kiln.img2img.v1 import img2img_service_pb2_grpc as img2img_grpc
 from kiln_runtime.server import KilnServer
-from tests.gateway.conftest import channel_to, envoy_for, img2img_request, kiln_server
+from tests.gateway.conftest import channel_to, envoy_for, img2img_json, img2img_request, kiln_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -91,3 +91,24 @@ async def test_page_at_root(envoy: Envoy) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "<h1>Kiln</h1>" in response.text
+
+
+async def test_page_files_are_gzipped_and_streams_are_not(server: KilnServer, tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html><h1>Kiln</h1>" + "<p>kiln</p>" * 500)
+    (tmp_path / "app.js").write_text("console.log('kiln');\n" * 500)
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 20)
+    with envoy_for([server.port], [server.port], web_root=tmp_path) as gateway:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", timeout=30) as client:
+            gzip_only = {"accept-encoding": "gzip"}
+            page, script, binary = [await client.get(p, headers=gzip_only) for p in ("/", "/app.js", "/model.bin")]
+            plain = await client.get("/app.js", headers={"accept-encoding": "identity"})
+            events = await client.post("/v1/img2img:generate", json=img2img_json(), headers=gzip_only)
+    assert page.headers["content-encoding"] == "gzip" and "<h1>Kiln</h1>" in page.text
+    assert script.headers["content-encoding"] == "gzip"
+    assert script.num_bytes_downloaded < len(script.content) / 5  # compressed on the wire
+    assert script.content == plain.content and "content-encoding" not in plain.headers
+    assert "content-encoding" not in binary.headers  # not a text type
+    # A server stream must reach the client event by event: never compressed.
+    assert events.headers["content-type"].startswith("text/event-stream")
+    assert "content-encoding" not in events.headers
+    assert '"result"' in events.text
