@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from kiln.common.v1 import service_info_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as img2img_pb
 from kiln_client import _stream
-from kiln_client._base import ServiceClient
+from kiln_client._base import DEFAULT_MAX_MESSAGE_BYTES, ServiceClient
 from kiln_client._download import write_atomically
 from kiln_client._img2img import Img2ImgClient, Img2ImgOptions, img2img_result
 from kiln_client._mesh import MeshClient, MeshOptions, mesh_result
@@ -323,7 +323,12 @@ def _common_options() -> argparse.ArgumentParser:
         default=os.environ.get("KILN_API_KEY"),
         help="sent as `authorization: Bearer <key>` (env KILN_API_KEY)",
     )
-    group.add_argument("--max-message-bytes", type=int, default=4 << 20, help="channel message cap (server's)")
+    group.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="channel message cap; keep it equal to the server's (default %(default)s)",
+    )
     group.add_argument("--json", action="store_true", help="print events/answers to stdout as JSON lines")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
     return common
