@@ -8,7 +8,7 @@ reference downloads through the connection (and credentials) that produced it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kiln.artifacts.v1 import artifact_service_pb2 as artifacts_pb
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as artifacts_grpc
 from kiln.common.v1 import artifact_pb2
-from kiln_client import _download
+from kiln_client import _download, _stream
 from kiln_client.errors import KilnError, error_from_rpc_error
 
 StubT = TypeVar("StubT")
@@ -178,6 +178,15 @@ class ServiceClient(_ClientCore[StubT]):
         except grpc.RpcError as error:
             raise error_from_rpc_error(error) from error
 
+    def _generate(self, request: Any, timeout: float | None, retries: int | None) -> Iterator[Any]:
+        """Start Generate with the client's deadline and metadata; events with the retry rule."""
+        deadline = self._deadline(timeout)
+
+        def start() -> Iterator[Any]:
+            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[attr-defined, no-any-return]
+
+        return _stream.stream_events(start, retries=self._retry_count(retries))
+
     def check_health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Ask the server's ``grpc.health.v1.Health`` service how ``service`` is.
 
@@ -274,6 +283,15 @@ class AsyncServiceClient(_ClientCore[StubT]):
             return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as error:
             raise error_from_rpc_error(error) from error
+
+    def _generate(self, request: Any, timeout: float | None, retries: int | None) -> AsyncGenerator[Any]:
+        """`ServiceClient._generate` for grpc.aio."""
+        deadline = self._deadline(timeout)
+
+        def start() -> AsyncIterator[Any]:
+            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[attr-defined, no-any-return]
+
+        return _stream.astream_events(start, retries=self._retry_count(retries))
 
     async def fetch_artifact(self, artifact: artifact_pb2.Artifact, *, timeout: float | None = None) -> bytes:
         """See `ServiceClient.fetch_artifact`."""

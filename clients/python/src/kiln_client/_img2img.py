@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
@@ -152,12 +152,7 @@ class Img2ImgClient(ServiceClient[pb_grpc.Img2ImgProviderStub]):
             ValueError: An enum name is unknown.
         """
         request = _request(image, prompt, options)
-        deadline = self._deadline(timeout)
-
-        def start() -> Iterator[pb.GenerateResponse]:
-            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[no-any-return]
-
-        return _stream.stream_events(start, retries=self._retry_count(retries))
+        return self._generate(request, timeout, retries)
 
     def generate_image(
         self,
@@ -205,12 +200,7 @@ class AsyncImg2ImgClient(AsyncServiceClient[pb_grpc.Img2ImgProviderStub]):
     ) -> AsyncGenerator[pb.GenerateResponse]:
         """See `Img2ImgClient.generate`; ``aclose()`` cancels the job (see ``contextlib.aclosing``)."""
         request = _request(image, prompt, options)
-        deadline = self._deadline(timeout)
-
-        def start() -> AsyncIterator[pb.GenerateResponse]:
-            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[no-any-return]
-
-        return _stream.astream_events(start, retries=self._retry_count(retries))
+        return self._generate(request, timeout, retries)
 
     async def generate_image(
         self,

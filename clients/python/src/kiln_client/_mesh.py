@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
@@ -147,12 +147,7 @@ class MeshClient(ServiceClient[pb_grpc.MeshProviderStub]):
             ValueError: An enum name is unknown.
         """
         request = _request(image, options)
-        deadline = self._deadline(timeout)
-
-        def start() -> Iterator[pb.GenerateResponse]:
-            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[no-any-return]
-
-        return _stream.stream_events(start, retries=self._retry_count(retries))
+        return self._generate(request, timeout, retries)
 
     def generate_mesh(
         self,
@@ -191,12 +186,7 @@ class AsyncMeshClient(AsyncServiceClient[pb_grpc.MeshProviderStub]):
     ) -> AsyncGenerator[pb.GenerateResponse]:
         """See `MeshClient.generate`; ``aclose()`` cancels the job (see ``contextlib.aclosing``)."""
         request = _request(image, options)
-        deadline = self._deadline(timeout)
-
-        def start() -> AsyncIterator[pb.GenerateResponse]:
-            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[no-any-return]
-
-        return _stream.astream_events(start, retries=self._retry_count(retries))
+        return self._generate(request, timeout, retries)
 
     async def generate_mesh(
         self,
