@@ -9,7 +9,13 @@ from typing import Any
 from PIL import Image
 
 from kiln_img2img.config import DiffusersSettings, GeminiSettings, Img2ImgProviderSettings, Img2ImgSettings
-from kiln_mesh.config import MeshProviderSettings, MeshSettings, StableFast3DSettings, TripoSRSettings
+from kiln_mesh.config import (
+    MeshProviderSettings,
+    MeshServerSettings,
+    MeshSettings,
+    StableFast3DSettings,
+    TripoSRSettings,
+)
 from kiln_runtime.settings import (
     FakeProviderSettings,
     ModelSettings,
@@ -25,8 +31,8 @@ def png_bytes(size: tuple[int, int] = (96, 64), mode: str = "RGB", color: Any = 
     return buffer.getvalue()
 
 
-def _server(**server: Any) -> ServerSettings:
-    return ServerSettings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "shutdown_grace_s": 5.0, **server})
+def _server(kind: type[ServerSettings] = ServerSettings, **server: Any) -> ServerSettings:
+    return kind(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "shutdown_grace_s": 5.0, **server})
 
 
 def img2img_settings(
@@ -77,7 +83,7 @@ def mesh_settings(
         model=ModelSettings(**(model or {"id": "unused"})),
         triposr=TripoSRSettings(**(triposr or {})),
         stable_fast_3d=StableFast3DSettings(**(stable_fast_3d or {})),
-        server=_server(**(server or {})),
+        server=_server(MeshServerSettings, **(server or {})),
         runtime=RuntimeSettings(**(runtime or {})),
         fake=FakeProviderSettings(**{"step_delay_s": 0.0, **(fake or {})}),
     )

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
+from kiln_img2img.config import Img2ImgSettings
+from kiln_mesh.config import MeshSettings
 from kiln_runtime import settings as settings_module
 from kiln_runtime.settings import (
     KilnSettings,
@@ -163,3 +165,26 @@ def test_every_field_is_described(model: type[BaseModel]) -> None:
 def test_hf_hub_offline_turns_offline_on(monkeypatch: pytest.MonkeyPatch, value: str, offline: bool) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert KilnSettings().offline is offline
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "port", "metrics_port"),
+    [
+        (None, None, 50052, 9092),
+        ("KILN_MESH__PROVIDER", "fake", 50052, 9092),  # another key of the section keeps the ports
+        ("KILN_MESH__SERVER__PORT", "6000", 6000, 9092),
+    ],
+)
+def test_mesh_keeps_its_own_ports_under_partial_environment(
+    monkeypatch: pytest.MonkeyPatch,
+    clean_env: Path,
+    variable: str | None,
+    value: str | None,
+    port: int,
+    metrics_port: int,
+) -> None:
+    if variable is not None and value is not None:
+        monkeypatch.setenv(variable, value)
+    settings = MeshSettings()
+    assert (settings.mesh.server.port, settings.mesh.server.metrics_port) == (port, metrics_port)
+    assert Img2ImgSettings().img2img.server.port == 50051

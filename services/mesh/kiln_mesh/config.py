@@ -32,6 +32,20 @@ class StableFast3DSettings(BaseModel):
     timeout_s: PositiveFloat = Field(120.0, description="Timeout of one HTTP call, in seconds.")
 
 
+class MeshServerSettings(ServerSettings):
+    """`ServerSettings` with the mesh server's own default ports.
+
+    Defaults on the class, not a factory on the field: any KILN_MESH__... (or
+    KILN_MESH__SERVER__...) variable builds its section from scratch, which would drop a default
+    given higher up, and the mesh server then took img2img's 50051.
+    """
+
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
+    metrics_port: int = Field(
+        9092, ge=0, le=65535, description="Prometheus metrics port on the same host; 0 picks one."
+    )
+
+
 class MeshProviderSettings(ServiceSettings):
     """Which provider serves image-to-mesh and its options."""
 
@@ -47,12 +61,13 @@ class MeshProviderSettings(ServiceSettings):
         default_factory=StableFast3DSettings, description="Stable Fast 3D provider options."
     )
     fake: FakeProviderSettings = Field(default_factory=FakeProviderSettings, description="Fake provider options.")
+    server: MeshServerSettings = Field(default_factory=MeshServerSettings, description="Listening and message caps.")
 
 
 class MeshSettings(KilnSettings):
     """Root settings of the mesh server process."""
 
     mesh: MeshProviderSettings = Field(
-        default_factory=lambda: MeshProviderSettings(server=ServerSettings(port=50052, metrics_port=9092)),
+        default_factory=MeshProviderSettings,
         description="The mesh server.",
     )
