@@ -205,3 +205,17 @@ async def test_ctrl_c_cancels_the_job_and_exits_130(start_server: StartServer, t
     assert stderr.decode().strip().endswith("kiln: interrupted; the job was cancelled")
     assert list(server.runtime.store.root.glob("*/*")) == []
     assert not list(tmp_path.glob("photo-kiln*"))
+
+
+async def test_a_closed_pipe_is_not_an_error(start_server: StartServer, tmp_path: Path) -> None:
+    server, _ = await start_server("img2img")
+    env = {**os.environ, "KILN_TARGET": f"127.0.0.1:{server.port}"}
+    # `kiln info | true`: the reader is gone before the first line is written.
+    script = f"'{KILN}' info | true; echo status=${{PIPESTATUS[0]}}"
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", script, cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
+    assert stdout.decode().strip() == "status=0"
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
