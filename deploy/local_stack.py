@@ -128,7 +128,6 @@ def tiny_profile() -> dict[str, str]:
     from kiln_img2img.testing.tiny_models import default_root, ensure_tiny_models
     from kiln_mesh.testing.assets import ensure_tiny_mesh_models
 
-    print("KILN_PROFILE=tiny: using the generated tiny models (generating them once if needed)")
     tiny = ensure_tiny_models(default_root())
     mesh = ensure_tiny_mesh_models()
     return {
@@ -172,6 +171,7 @@ def up() -> int:
     # Result URIs point at the gateway's download route unless the user chose another base.
     env.setdefault("KILN_STORAGE__PUBLIC_BASE_URL", f"http://127.0.0.1:{gateway_port}/v1/artifacts")
     if env.get("KILN_PROFILE") == "tiny":
+        print("KILN_PROFILE=tiny: using the generated tiny models (generating them once if needed)")
         env.update(tiny_profile())
     processes: dict[str, subprocess.Popen[bytes]] = {}
     (RUN_DIR / "launcher.pid").write_text(str(os.getpid()))

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.local_stack import tiny_profile
 from gateway.kiln_gateway import Envoy, GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,32 +122,22 @@ def build_page(out_dir: Path) -> Path:
 
 def tiny_environment(data_dir: Path, **overrides: str) -> dict[str, str]:
     """The environment `make up` uses with KILN_PROFILE=tiny, on ports chosen by the kernel."""
-    from kiln_img2img.testing.tiny_models import default_root, ensure_tiny_models
-    from kiln_mesh.testing.assets import ensure_tiny_mesh_models
-
-    tiny = ensure_tiny_models(default_root())
-    mesh = ensure_tiny_mesh_models()
     env = {
         key: value
         for key, value in os.environ.items()
         # The caller's own KILN_ settings (a .env for `make up`) must not leak into the test stack.
         if not key.startswith("KILN_")
     }
+    env.update(tiny_profile())  # the models of `KILN_PROFILE=tiny make up`
     env.update(
         {
             "OMP_WAIT_POLICY": "PASSIVE",
             "OMP_NUM_THREADS": "1",
-            "KILN_OFFLINE": "1",
             "KILN_STORAGE__DATA_DIR": str(data_dir),
             "KILN_TELEMETRY__LOG_FORMAT": "text",
-            "KILN_IMG2IMG__PROVIDER": "local",
-            "KILN_IMG2IMG__MODEL__ID": str(tiny.diffusers_dir),
             "KILN_IMG2IMG__RUNTIME__DEVICE": "cpu",
             "KILN_IMG2IMG__SERVER__PORT": "0",
             "KILN_IMG2IMG__SERVER__METRICS_PORT": "0",
-            "KILN_MESH__PROVIDER": "local",
-            "KILN_MESH__MODEL__ID": str(mesh.triposr_dir),
-            "KILN_MESH__TRIPOSR__REMBG_MODEL_PATH": str(mesh.u2net_path),
             "KILN_MESH__RUNTIME__DEVICE": "cpu",
             "KILN_MESH__SERVER__PORT": "0",
             "KILN_MESH__SERVER__METRICS_PORT": "0",
