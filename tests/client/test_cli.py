@@ -169,6 +169,17 @@ async def test_health_and_info_of_a_single_server(start_server: StartServer, tmp
     assert answer["service"] == "img2img" and answer["model"]["provider"] == "fake"
 
 
+async def test_info_says_whether_the_model_is_in_memory(start_server: StartServer, tmp_path: Path) -> None:
+    lazy, _ = await start_server("mesh", runtime={"load_on_startup": False, "keep_alive": 300})
+    run = await kiln("info", "--service", "mesh", "--target", f"127.0.0.1:{lazy.port}", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert "  memory    unloaded (the next job loads it), unloads after 300 s idle" in run.stdout.splitlines()
+    loaded, _ = await start_server("img2img")
+    run = await kiln("info", "--service", "img2img", "--target", f"127.0.0.1:{loaded.port}", cwd=tmp_path)
+    (memory,) = [line for line in run.stdout.splitlines() if line.startswith("  memory")]
+    assert memory.startswith("  memory    loaded, last load ") and memory.endswith(" s, stays loaded")
+
+
 async def test_health_reports_a_loading_model(start_server: StartServer, tmp_path: Path) -> None:
     server, _ = await start_server("mesh", wait_ready=False, fake={"load_delay_s": 30})
     run = await kiln("health", "--service", "mesh", "--target", f"127.0.0.1:{server.port}", cwd=tmp_path)

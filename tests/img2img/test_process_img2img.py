@@ -15,8 +15,9 @@ import grpc
 from kiln.img2img.v1 import img2img_service_pb2 as pb
 from kiln.img2img.v1 import img2img_service_pb2_grpc as pb_grpc
 from kiln_img2img.testing.tiny_models import TinyModels
-from tests.grpc.test_grpcurl import GRPCURL, json_stream
+from tests.grpc.test_grpcurl import json_stream
 from tests.support import png_bytes
+from tests.tools import grpcurl_executable
 
 
 async def start(cwd: Path, **env: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -63,6 +64,7 @@ async def wait_ready(stub: pb_grpc.Img2ImgProviderStub, model_id: str) -> pb.Get
 
 
 async def test_grpcurl_generate_with_the_tiny_model(tiny: TinyModels, tmp_path: Path) -> None:
+    grpcurl = grpcurl_executable()  # before the server starts: skip early when there is none
     process, port = await start(tmp_path, KILN_IMG2IMG__MODEL__ID=str(tiny.diffusers_dir))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -76,7 +78,7 @@ async def test_grpcurl_generate_with_the_tiny_model(tiny: TinyModels, tmp_path: 
             "output_format": "IMAGE_FORMAT_JPEG",
         }
         run = await asyncio.create_subprocess_exec(
-            str(GRPCURL),
+            grpcurl,
             "-plaintext",
             "-d",
             json.dumps(body),

@@ -1,8 +1,10 @@
-"""Fixtures for the browser tests: the system Chromium through Playwright, the stack, pages.
+"""Fixtures for the browser tests: a Chrome/Chromium on the machine through Playwright, the stack, pages.
 
-Chromium is Debian's `chromium` (`make chromium` installs it), launched by path: Playwright
-never downloads a browser here. Without it the tests fail in CI (`CI` set: a missing browser
-must not turn the suite green) and are skipped elsewhere, with the command that fixes it.
+The browser is a Chrome or Chromium found on the machine (tests/tools.py: $KILN_CHROMIUM, Debian's
+`chromium` that `make chromium` installs, Ubuntu's `chromium-browser`, Google Chrome, the macOS app
+bundles), launched by path: Playwright never downloads a browser. Without one the tests fail in CI
+(`CI` set: a missing browser must not turn the suite green) and are skipped elsewhere, with the
+command that installs one on this platform.
 
 Each page records uncaught script errors and failed console messages; a test fails if its
 page threw. A screenshot of every page is saved to test-artifacts/web/<test>.png, pass or fail.
@@ -10,9 +12,7 @@ page threw. A screenshot of every page is saved to test-artifacts/web/<test>.png
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
+from tests.tools import chromium_executable
 from tests.web.stack import ROOT, Stack, running_stack
 
 ARTIFACTS = ROOT / "test-artifacts" / "web"
@@ -43,23 +44,9 @@ STACK_SETTINGS = {
 }
 
 
-def chromium_executable() -> str | None:
-    """The system Chromium: $KILN_CHROMIUM, `chromium` on PATH, or Debian's /usr/bin/chromium."""
-    for candidate in (os.environ.get("KILN_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
-    path = chromium_executable()
-    if path is None:
-        message = "Chromium is not installed (Debian package `chromium`); run `make chromium`"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return path
+    return chromium_executable()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import { announce, etaText, setBar, stepText, waitText } from "./progress.js";
 import { input } from "./state.js";
 
 const IMG2IMG_STAGES: Partial<Record<Stage, string>> = {
+  [Stage.LOAD_MODEL]: "Loading the model",
   [Stage.PREPROCESS]: "Preparing the image",
   [Stage.DENOISE]: "Denoising",
   [Stage.DECODE]: "Decoding",

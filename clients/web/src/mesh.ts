@@ -19,6 +19,8 @@ let meshName = "kiln-mesh";
 type MeshRow = "background" | "encode" | "extract" | "export" | "receive" | "view";
 const MESH_ROWS: MeshRow[] = ["background", "encode", "extract", "export", "receive", "view"];
 const MESH_STAGE_ROWS: Partial<Record<Stage, MeshRow>> = {
+  // The first row stays active while an unloaded model loads; its label says so.
+  [Stage.LOAD_MODEL]: "background",
   [Stage.PREPROCESS]: "background",
   [Stage.REMOVE_BACKGROUND]: "background",
   [Stage.ENCODE]: "encode",
@@ -29,6 +31,7 @@ const MESH_STAGE_ROWS: Partial<Record<Stage, MeshRow>> = {
   [Stage.EXPORT]: "export",
   [Stage.POSTPROCESS]: "export",
 };
+const LOAD_MODEL_LABEL = "Loading the model";
 const MESH_LABELS: Record<MeshRow, string> = {
   background: "Removing the background",
   encode: "Reading the shape",
@@ -116,10 +119,11 @@ export async function makeMesh(image: Uint8Array<ArrayBuffer>, sourceUrl: string
     },
     progress: (event) => {
       const row = MESH_STAGE_ROWS[event.stage] ?? "encode";
-      announce("mesh-announce", MESH_LABELS[row]);
+      const title = event.stage === Stage.LOAD_MODEL ? LOAD_MODEL_LABEL : MESH_LABELS[row];
+      announce("mesh-announce", title);
       const steps = event.totalSteps > 0 ? `${event.step} / ${event.totalSteps}` : "";
       setMeshRow(row, steps);
-      label.textContent = MESH_LABELS[row] + (steps ? ` · ${steps}` : "");
+      label.textContent = title + (steps ? ` · ${steps}` : "");
       eta.textContent = etaText(seconds(event.eta));
       setBar(bar, event.fraction * 0.95, label.textContent);
     },

@@ -136,6 +136,12 @@ class BackgroundRemover:
             self._session = session
             log.info("background remover ready: %s", self.describe())
 
+    def close(self) -> None:
+        """Drop the session (its onnxruntime graph and weights); `load()` builds it again."""
+        with self._load_lock:
+            self._session = None
+            self._remove = None
+
     def _custom_session(self, rembg: Any, model_path: Path) -> Any:
         path = model_path.expanduser().absolute()
         if not path.is_file():

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 
+from kiln_runtime.profiles import apply_laptop_profile
 from kiln_runtime.settings import FakeProviderSettings, KilnSettings, ModelSettings, ServerSettings, ServiceSettings
 
 DEFAULT_MODEL = "stabilityai/TripoSR"
@@ -71,3 +72,9 @@ class MeshSettings(KilnSettings):
         default_factory=MeshProviderSettings,
         description="The mesh server.",
     )
+
+    @model_validator(mode="after")
+    def _apply_profile(self) -> MeshSettings:
+        if self.profile == "laptop":
+            apply_laptop_profile(self.mesh)
+        return self

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from kiln.common.v1 import artifact_pb2, job_pb2, service_info_pb2
 from kiln_runtime.errors import FieldViolation, InvalidArgument
@@ -172,7 +172,7 @@ def generate_response(
 
 def model_info(manager: ModelManager) -> service_info_pb2.ModelInfo:
     description = manager.describe()
-    return service_info_pb2.ModelInfo(
+    info = service_info_pb2.ModelInfo(
         provider=description.kind,
         model_id=description.model_id,
         model_revision=description.model_revision,
@@ -181,7 +181,17 @@ def model_info(manager: ModelManager) -> service_info_pb2.ModelInfo:
         readiness=_READINESS[manager.readiness],
         readiness_reason=manager.reason,
         library_versions=description.library_versions,
+        loaded=manager.loaded,
     )
+    if manager.last_load_s is not None:
+        info.last_load_duration.CopyFrom(duration(manager.last_load_s))
+    if manager.last_loaded_at is not None:
+        loaded_at = timestamp_pb2.Timestamp()
+        loaded_at.FromNanoseconds(round(manager.last_loaded_at * 1e9))
+        info.last_load_time.CopyFrom(loaded_at)
+    if manager.keep_alive is not None:  # absent: the model stays loaded
+        info.keep_alive.CopyFrom(duration(manager.keep_alive))
+    return info
 
 
 def server_limits(

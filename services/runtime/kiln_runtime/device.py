@@ -6,6 +6,9 @@ can be tested without the hardware; `probe_devices` is the only part that asks t
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,6 +115,66 @@ def choose_device(
         return DeviceChoice(device="mps", dtype="float32")
     # CPU half precision is slow or unsupported for many kernels; float32 is the only sane choice.
     return DeviceChoice(device="cpu", dtype="float32")
+
+
+MPS_FALLBACK_ENV = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+
+@dataclass(frozen=True)
+class MpsFallback:
+    """What `configure_mps_fallback` decided, for the startup log.
+
+    Attributes:
+        value: The variable's value in force ("1" or "0"), or None where it does not apply.
+        source: "environment" (the operator set it), "settings" (Kiln set it), or "not applicable".
+        effective: False when torch was imported before the variable was set: torch reads it once,
+            when its library loads, so a later change does nothing.
+    """
+
+    value: str | None
+    source: str
+    effective: bool = True
+
+
+def configure_mps_fallback(
+    enabled: bool,
+    policy: DevicePolicy,
+    *,
+    environ: MutableMapping[str, str] | None = None,
+    platform: str | None = None,
+    torch_imported: bool | None = None,
+) -> MpsFallback:
+    """Decide `PYTORCH_ENABLE_MPS_FALLBACK` before torch is imported.
+
+    torch reads the variable once, when its library loads, and parses it as an integer: "1" runs
+    ops that have no Metal kernel on the CPU (slower, with one warning per op in the log), "0" or
+    unset makes such an op fail the job with NotImplementedError. Kiln turns the fallback on by
+    default (`runtime.mps_fallback`): a Mac user would rather have a slow op than a model that
+    fails on a kernel the next torch release adds. A value the operator put in the environment
+    always wins. Only macOS with a policy that may pick MPS is touched; elsewhere the variable
+    means nothing.
+
+    Args:
+        enabled: The `runtime.mps_fallback` setting.
+        policy: The `runtime.device` setting: cpu and cuda never use MPS.
+        environ: The process environment (injected by tests).
+        platform: `sys.platform` (injected by tests).
+        torch_imported: Whether torch is already loaded; default: looked up in `sys.modules`.
+
+    Returns:
+        What is in force and where it came from.
+    """
+    environ = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    if torch_imported is None:
+        torch_imported = "torch" in sys.modules
+    if platform != "darwin" or policy not in ("auto", "mps"):
+        return MpsFallback(value=None, source="not applicable")
+    if MPS_FALLBACK_ENV in environ:
+        return MpsFallback(value=environ[MPS_FALLBACK_ENV], source="environment")
+    value = "1" if enabled else "0"
+    environ[MPS_FALLBACK_ENV] = value
+    return MpsFallback(value=value, source="settings", effective=not torch_imported)
 
 
 def probe_devices() -> DeviceAvailability:

@@ -1,6 +1,7 @@
 """Runs one job from admission to result and turns it into a stream of domain events.
 
-The order of a stream is fixed: `AcceptedEvent`, `QueuedEvent`s while waiting, the
+The order of a stream is fixed: `AcceptedEvent`, `QueuedEvent`s while waiting,
+`STAGE_LOAD_MODEL` progress while an idle-unloaded model loads (keep-alive), the
 provider's `ProgressEvent`s, `ChunkEvent`s for chunked artifacts, then exactly one
 `ResultEvent` or `ErrorEvent`. Model work runs in a worker thread so the event loop keeps
 answering health checks, GetInfo and metrics. The slot belongs to the worker thread: it is
@@ -22,7 +23,8 @@ from typing import Any, Generic, TypeVar
 
 from kiln_runtime.errors import Cancelled, DeadlineExceeded, InternalError, KilnError
 from kiln_runtime.limits import AdmissionController, Slot, Ticket
-from kiln_runtime.provider import ProgressUpdate, RunContext
+from kiln_runtime.model_manager import ModelHold, ModelManager
+from kiln_runtime.provider import ProgressUpdate, RunContext, Stage
 from kiln_runtime.storage import ArtifactStore, StoredArtifact, new_job_id
 from kiln_runtime.telemetry.logging import job_id_var, request_id_var
 from kiln_runtime.telemetry.metrics import ServiceMetrics
@@ -33,6 +35,9 @@ PayloadT = TypeVar("PayloadT")
 
 # Room left in every message for the fields around chunk or inline bytes.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
+# Seconds between STAGE_LOAD_MODEL events while a model loads: a load reports no steps of
+# its own, so the stream shows the ETA counting down instead of falling silent.
+LOAD_REPORT_INTERVAL_S = 1.0
 
 
 class Delivery(enum.Enum):
@@ -123,8 +128,10 @@ class JobRunner:
         metrics: ServiceMetrics,
         max_message_bytes: int,
         max_inline_bytes: int,
+        model: ModelManager | None = None,
     ) -> None:
         self.admission = admission
+        self.model = model
         self.store = store
         self.metrics = metrics
         self.chunk_bytes = max(max_message_bytes - MESSAGE_OVERHEAD_BYTES, 16 * 1024)
@@ -155,6 +162,8 @@ class JobRunner:
         self._update_gauges()
         phases = list(timings)
         worker_owns_slot = False
+        # Held from admission, so that a queued job keeps the model from an idle unload too.
+        hold = self.model.hold() if self.model is not None else None
         try:
             yield AcceptedEvent(job_id=job_id, position=ticket.position)
             queued_at = time.perf_counter()
@@ -169,8 +178,18 @@ class JobRunner:
             remaining = time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the deadline passed while the job waited for a slot")
+            if self.model is not None and (load := self.model.load_task()) is not None:
+                # Loaded inside the slot: a load uses the device like a run, and jobs that got
+                # slots at the same time share this one load.
+                load_started = time.perf_counter()
+                async for load_event in self._wait_for_load(load, self.model.last_load_s):
+                    yield load_event
+                phases.append(("load_model", time.perf_counter() - load_started))
+                remaining = time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("the deadline passed while the model was loading")
             worker_owns_slot = True
-            async for event in self._execute(job_id, slot, work, delivery, phases):
+            async for event in self._execute(job_id, slot, work, delivery, phases, hold):
                 yield event
         except KilnError as err:
             yield ErrorEvent(err)
@@ -178,7 +197,32 @@ class JobRunner:
         finally:
             if not worker_owns_slot:  # left while queued or before the run: free the place or slot
                 ticket.abandon()
+                if hold is not None:
+                    hold.release()
             self._update_gauges()
+
+    async def _wait_for_load(self, load: asyncio.Task[None], expected_s: float | None) -> AsyncIterator[ProgressEvent]:
+        """STAGE_LOAD_MODEL events until the shared load finishes; raises its `ModelNotReady`.
+
+        The ETA is the last load's duration minus the time spent so far, plus the mean run
+        time when one is known; there is none before the first load. A client leaving stops
+        only its own wait (`asyncio.wait` never cancels the load other jobs share).
+        """
+        started = time.perf_counter()
+        mean_run_s = self.admission.snapshot().mean_run_s or 0.0
+
+        def event() -> ProgressEvent:
+            elapsed = time.perf_counter() - started
+            eta = None if expected_s is None else max(expected_s - elapsed, 0.0) + mean_run_s
+            # Not counted in steps (a load reports none); the job's own work has not begun.
+            return ProgressEvent(ProgressUpdate(Stage.LOAD_MODEL, 0, 0, 0.0), eta)
+
+        yield event()
+        while not load.done():
+            await asyncio.wait({load}, timeout=LOAD_REPORT_INTERVAL_S)
+            if not load.done():
+                yield event()
+        load.result()
 
     async def _wait_for_slot(self, ticket: Ticket) -> AsyncIterator[QueuedEvent | Slot]:
         if ticket.position > 0:
@@ -207,6 +251,7 @@ class JobRunner:
         work: Work[PayloadT],
         delivery: Delivery,
         phases: list[tuple[str, float]],
+        hold: ModelHold | None,
     ) -> AsyncIterator[JobEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[object] = asyncio.Queue()
@@ -231,6 +276,8 @@ class JobRunner:
             finally:
                 self.metrics.inflight_runs.dec()
                 slot.release(run_seconds=time.perf_counter() - started if succeeded else None)
+                if hold is not None:  # after the slot: a waiting job takes its slot first
+                    hold.release()
                 post(_DONE)
 
         future = loop.run_in_executor(self._executor, worker)

@@ -35,6 +35,8 @@ class Stage(enum.Enum):
     VENDOR_SUBMITTED = "vendor_submitted"
     VENDOR_WAITING = "vendor_waiting"
     VENDOR_RECEIVED = "vendor_received"
+    # Reported by the job runner, not by providers: the job waits for an unloaded model to load.
+    LOAD_MODEL = "load_model"
 
 
 class Reproducibility(enum.Enum):
@@ -134,10 +136,13 @@ class RunContext:
 class Provider(Protocol[RequestT, OutputT]):
     """A model backend. Implementations: the fake provider, local models, vendor APIs.
 
-    `load` and `warmup` run once in a worker thread before the server reports SERVING;
-    `run` runs in a worker thread per job and must call `ctx.check_cancelled()` (or
-    `ctx.report`, which checks too) at least once per step so that cancellation stops it
-    within one step; `close` frees the model at shutdown.
+    `load` and `warmup` run in a worker thread before the server reports SERVING (or before
+    the first job, when loading is lazy); `run` runs in a worker thread per job and must call
+    `ctx.check_cancelled()` (or `ctx.report`, which checks too) at least once per step so that
+    cancellation stops it within one step; `close` frees the model at shutdown and when the
+    model has been idle for `keep_alive`. `close` must drop every reference to the weights
+    (the model manager then collects garbage and empties the device cache), and `load` must
+    work again on the same object after `close`: an idle-unloaded model is reloaded in place.
     """
 
     def describe(self) -> ProviderDescription: ...

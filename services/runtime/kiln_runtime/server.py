@@ -24,7 +24,14 @@ from grpc_reflection.v1alpha import reflection
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as artifact_pb2_grpc
 from kiln_runtime.artifact_servicer import SERVICE_NAME as ARTIFACTS_SERVICE
 from kiln_runtime.artifact_servicer import ArtifactServicer
-from kiln_runtime.device import DeviceAvailability, DeviceChoice, choose_device, probe_devices
+from kiln_runtime.device import (
+    MPS_FALLBACK_ENV,
+    DeviceAvailability,
+    DeviceChoice,
+    choose_device,
+    configure_mps_fallback,
+    probe_devices,
+)
 from kiln_runtime.jobs import JobRunner
 from kiln_runtime.limits import AdmissionController
 from kiln_runtime.model_manager import ModelManager
@@ -59,6 +66,12 @@ class Runtime:
 def choose_service_device(name: str, settings: ServiceSettings) -> DeviceChoice:
     """Apply the device policy once at startup; a named device that is missing stops the server."""
     runtime = settings.runtime
+    # Before the probe, which is the process's first torch import: torch reads it only then.
+    fallback = configure_mps_fallback(runtime.mps_fallback, runtime.device)
+    if fallback.value is not None:
+        log.info("%s=%s (from the %s)", MPS_FALLBACK_ENV, fallback.value, fallback.source)
+    if not fallback.effective:
+        log.warning("torch was imported before %s was set; the setting has no effect", MPS_FALLBACK_ENV)
     # Probing imports torch; a CPU-only policy needs no probe.
     available = DeviceAvailability(cuda=False, mps=False) if runtime.device == "cpu" else probe_devices()
     choice = choose_device(runtime.device, runtime.cuda_dtype, available, setting_name=f"{name}.runtime.device")
@@ -78,13 +91,6 @@ def build_runtime(
     metrics = ServiceMetrics(name)
     store = LocalArtifactStore(kiln.storage.resolved_output_dir.resolve(), public_base_url=kiln.storage.public_base_url)
     admission = AdmissionController(settings.runtime.max_concurrency, settings.runtime.max_queue)
-    runner = JobRunner(
-        admission=admission,
-        store=store,
-        metrics=metrics,
-        max_message_bytes=settings.server.max_message_bytes,
-        max_inline_bytes=kiln.storage.max_inline_bytes,
-    )
     health_servicer = health.aio.HealthServicer()
     manager = ModelManager(
         provider,
@@ -92,6 +98,15 @@ def build_runtime(
         service_names=[service_full_name],
         metrics=metrics,
         load_on_startup=settings.runtime.load_on_startup,
+        keep_alive=settings.runtime.keep_alive,
+    )
+    runner = JobRunner(
+        admission=admission,
+        store=store,
+        metrics=metrics,
+        max_message_bytes=settings.server.max_message_bytes,
+        max_inline_bytes=kiln.storage.max_inline_bytes,
+        model=manager,
     )
     return Runtime(
         name=name,

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiln_runtime.durations import parse_keep_alive
 
 MiB = 1 << 20
 
 DevicePolicy = Literal["auto", "cuda", "mps", "cpu"]
 CudaDtype = Literal["float16", "bfloat16"]
+# Seconds; None = stay loaded. Parsed from Ollama-style strings ("5m") by `durations`.
+KeepAlive = Annotated[float | None, BeforeValidator(parse_keep_alive)]
 
 
 class ServerSettings(BaseModel):
@@ -46,10 +50,20 @@ class RuntimeSettings(BaseModel):
         "auto", description="auto picks cuda, then mps, then cpu; a named device that is missing is a startup error."
     )
     cuda_dtype: CudaDtype = Field("float16", description="Compute dtype on CUDA (MPS and CPU always use float32).")
+    mps_fallback: bool = Field(
+        True,
+        description="On a Mac, let torch run ops that have no MPS kernel on the CPU (PYTORCH_ENABLE_MPS_FALLBACK) "
+        "instead of failing the job; an explicit PYTORCH_ENABLE_MPS_FALLBACK in the environment wins.",
+    )
     max_concurrency: PositiveInt = Field(1, description="Jobs that run at once on this model.")
     max_queue: int = Field(8, ge=0, description="Jobs that may wait for a slot; beyond it RESOURCE_EXHAUSTED.")
     load_on_startup: bool = Field(
         True, description="Load and warm the model at startup; false loads it on the first request."
+    )
+    keep_alive: KeepAlive = Field(
+        None,
+        description="How long the model stays loaded after its last job: seconds or a duration (30s, 5m, 1h30m); "
+        "0 unloads right after each job; unset (or negative) keeps it loaded. The next job reloads it.",
     )
 
 
@@ -147,8 +161,10 @@ class KilnSettings(BaseSettings):
         False,
         description="Never download models (HF_HUB_OFFLINE=1 also turns it on); a missing model fails at startup.",
     )
-    profile: Literal["default", "tiny"] = Field(
-        "default", description="tiny: use the generated tiny test models instead of real weights."
+    profile: Literal["default", "tiny", "laptop"] = Field(
+        "default",
+        description="tiny: use the generated tiny test models instead of real weights (make up); laptop: load "
+        "models on first use, unload them after 5 idle minutes, one job at a time, attention slicing.",
     )
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Artifact storage.")
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Logging.")

@@ -225,6 +225,17 @@ def _mesh(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _residency(model: service_info_pb2.ModelInfo) -> str:
+    """Whether the weights are in memory, and what keep-alive will do, in one line."""
+    state = "loaded" if model.loaded else "unloaded (the next job loads it)"
+    if model.HasField("last_load_duration"):
+        state += f", last load {model.last_load_duration.ToTimedelta().total_seconds():.1f} s"
+    if not model.HasField("keep_alive"):
+        return f"{state}, stays loaded"
+    keep_alive = model.keep_alive.ToTimedelta().total_seconds()
+    return f"{state}, unloads {f'after {keep_alive:g} s idle' if keep_alive else 'after each job'}"
+
+
 def _selected(args: argparse.Namespace) -> list[str]:
     return list(SERVICES) if args.service == "all" else [args.service]
 
@@ -252,7 +263,9 @@ def _info(args: argparse.Namespace, out: Output) -> int:
             f"{name}: {readiness}{reason}\n"
             f"  model     {model.model_id or '-'} {model.model_revision[:12]} via {model.provider}\n"
             f"  device    {model.device} {model.dtype}\n"
-            f"  load      {limits.running}/{limits.max_concurrency} running, {limits.queued}/{limits.max_queue} queued",
+            f"  load      {limits.running}/{limits.max_concurrency} running, "
+            f"{limits.queued}/{limits.max_queue} queued\n"
+            f"  memory    {_residency(model)}",
             file=out.stdout,
         )
     if answered == 0:

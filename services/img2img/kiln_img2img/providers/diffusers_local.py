@@ -109,7 +109,7 @@ class DiffusersImg2ImgProvider:
             pipe.enable_model_cpu_offload()
         else:
             pipe.to(self.device.device)
-        if self.settings.attention_slicing:
+        if self.settings.slices_attention(self.device.device):
             pipe.enable_attention_slicing()
         if self.settings.vae_slicing:
             pipe.vae.enable_slicing()
@@ -200,9 +200,11 @@ class DiffusersImg2ImgProvider:
         self.run(warm, RunContext("warmup", report=lambda update: None))
 
     def close(self) -> None:
+        # Dropping the pipeline drops the UNet, VAE and text encoder (per-run pipelines are gone
+        # with their runs); the model manager then empties the device cache (kiln_runtime.memory).
+        # `load()` builds everything again, so an idle-unloaded provider is reloaded in place.
         self._base = None
-        if self.device.device == "cuda":
-            torch.cuda.empty_cache()
+        self._source = None
 
     # -- running -----------------------------------------------------------------------
 

@@ -125,9 +125,10 @@ class TripoSRMeshProvider:
             model.encode(model.preprocess([grey]).to(self.device.device))
 
     def close(self) -> None:
+        # TripoSR and the rembg session both go; the model manager then empties the device
+        # cache (kiln_runtime.memory). `load()` builds both again on the same object.
         self._model = None
-        if self.device.device == "cuda":
-            torch.cuda.empty_cache()
+        self._remover.close()
 
     # -- running -----------------------------------------------------------------------
 

@@ -55,7 +55,11 @@ class ServiceMetrics:
         queue_depth: `kiln_queue_depth{service}`, bound: jobs waiting for a slot.
         inflight_runs: `kiln_inflight_runs{service}`, bound: jobs running on the model.
         phase: `kiln_phase_duration_seconds{service,phase}`: time spent in each job phase.
-        model_load: `kiln_model_load_seconds{service}`, bound: how long the last model load took.
+        model_load: `kiln_model_load_seconds{service}`, bound: how long the last successful model
+            load (startup, on demand after an idle unload, or reload) took, warm-up included.
+        model_loads: `kiln_model_loads_total{service,result}`: model loads, `result` "ok" or "failed".
+        model_unloads: `kiln_model_unloads_total{service}`, bound: idle unloads (keep_alive).
+        model_loaded: `kiln_model_loaded{service}`, bound: 1 while the weights are in memory, else 0.
     """
 
     def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
@@ -105,6 +109,24 @@ class ServiceMetrics:
             ["service"],
             registry=self.registry,
         ).labels(service=service)
+        self.model_loads = Counter(
+            "kiln_model_loads",
+            "Model loads (at startup, on demand after an idle unload, on reload), by result: ok or failed.",
+            ["service", "result"],
+            registry=self.registry,
+        )
+        self.model_unloads = Counter(
+            "kiln_model_unloads",
+            "Models unloaded after keep_alive seconds without a job.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+        self.model_loaded = Gauge(
+            "kiln_model_loaded",
+            "1 while the model's weights are in memory, 0 before the first load and after an idle unload.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Record one finished call: count it under its status code and observe its duration.
@@ -125,6 +147,14 @@ class ServiceMetrics:
             seconds: Wall time spent in it.
         """
         self.phase.labels(service=self.service, phase=phase).observe(seconds)
+
+    def count_load(self, *, ok: bool) -> None:
+        """Count one model load attempt.
+
+        Args:
+            ok: Whether the load (and its warm-up) succeeded.
+        """
+        self.model_loads.labels(service=self.service, result="ok" if ok else "failed").inc()
 
     def in_progress_for(self, method: str) -> Gauge:
         """The in-progress gauge bound to this service and `method` (for `inc()`/`dec()`)."""

@@ -25,6 +25,7 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_VENDOR_SUBMITTED: _ClassVar[Stage]
     STAGE_VENDOR_WAITING: _ClassVar[Stage]
     STAGE_VENDOR_RECEIVED: _ClassVar[Stage]
+    STAGE_LOAD_MODEL: _ClassVar[Stage]
 
 class Reproducibility(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -63,6 +64,7 @@ STAGE_POSTPROCESS: Stage
 STAGE_VENDOR_SUBMITTED: Stage
 STAGE_VENDOR_WAITING: Stage
 STAGE_VENDOR_RECEIVED: Stage
+STAGE_LOAD_MODEL: Stage
 REPRODUCIBILITY_UNSPECIFIED: Reproducibility
 REPRODUCIBILITY_BITWISE_SAME_HARDWARE: Reproducibility
 REPRODUCIBILITY_BEST_EFFORT: Reproducibility

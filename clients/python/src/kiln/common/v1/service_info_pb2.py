@@ -23,9 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!kiln/common/v1/service_info.proto\x12\x0ekiln.common.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xe0\x02\n\tModelInfo\x12\x16\n\x08provider\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08model_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0emodel_revision\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x64\x65vice\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x64type\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x32\n\treadiness\x18\x06 \x01(\x0e\x32\x19.kiln.common.v1.ReadinessB\x04\xe2\x41\x01\x03\x12\x1e\n\x10readiness_reason\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12N\n\x10library_versions\x18\x08 \x03(\x0b\x32..kiln.common.v1.ModelInfo.LibraryVersionsEntryB\x04\xe2\x41\x01\x03\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfc\x01\n\x0cServerLimits\x12\x1d\n\x0fmax_concurrency\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\tmax_queue\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07running\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06queued\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fmax_image_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10max_image_pixels\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11max_message_bytes\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\'\n\x19max_inline_artifact_bytes\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\"l\n\nFloatRange\x12\x11\n\x03min\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03max\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rmin_exclusive\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rdefault_value\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03\"M\n\x08IntRange\x12\x11\n\x03min\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03max\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rdefault_value\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03*\x80\x01\n\tReadiness\x12\x19\n\x15READINESS_UNSPECIFIED\x10\x00\x12\x15\n\x11READINESS_LOADING\x10\x01\x12\x13\n\x0fREADINESS_READY\x10\x02\x12\x14\n\x10READINESS_FAILED\x10\x03\x12\x16\n\x12READINESS_DRAINING\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!kiln/common/v1/service_info.proto\x12\x0ekiln.common.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x04\n\tModelInfo\x12\x16\n\x08provider\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08model_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0emodel_revision\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x64\x65vice\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x64type\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x32\n\treadiness\x18\x06 \x01(\x0e\x32\x19.kiln.common.v1.ReadinessB\x04\xe2\x41\x01\x03\x12\x1e\n\x10readiness_reason\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12N\n\x10library_versions\x18\x08 \x03(\x0b\x32..kiln.common.v1.ModelInfo.LibraryVersionsEntryB\x04\xe2\x41\x01\x03\x12\x14\n\x06loaded\x18\t \x01(\x08\x42\x04\xe2\x41\x01\x03\x12;\n\x12last_load_duration\x18\n \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12\x38\n\x0elast_load_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x33\n\nkeep_alive\x18\x0c \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfc\x01\n\x0cServerLimits\x12\x1d\n\x0fmax_concurrency\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\tmax_queue\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07running\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06queued\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fmax_image_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10max_image_pixels\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11max_message_bytes\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\'\n\x19max_inline_artifact_bytes\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\"l\n\nFloatRange\x12\x11\n\x03min\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03max\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rmin_exclusive\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rdefault_value\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03\"M\n\x08IntRange\x12\x11\n\x03min\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03max\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rdefault_value\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03*\x80\x01\n\tReadiness\x12\x19\n\x15READINESS_UNSPECIFIED\x10\x00\x12\x15\n\x11READINESS_LOADING\x10\x01\x12\x13\n\x0fREADINESS_READY\x10\x02\x12\x14\n\x10READINESS_FAILED\x10\x03\x12\x16\n\x12READINESS_DRAINING\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,6 +52,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO'].fields_by_name['readiness_reason']._serialized_options = b'\342A\001\003'
   _globals['_MODELINFO'].fields_by_name['library_versions']._loaded_options = None
   _globals['_MODELINFO'].fields_by_name['library_versions']._serialized_options = b'\342A\001\003'
+  _globals['_MODELINFO'].fields_by_name['loaded']._loaded_options = None
+  _globals['_MODELINFO'].fields_by_name['loaded']._serialized_options = b'\342A\001\003'
+  _globals['_MODELINFO'].fields_by_name['last_load_duration']._loaded_options = None
+  _globals['_MODELINFO'].fields_by_name['last_load_duration']._serialized_options = b'\342A\001\003'
+  _globals['_MODELINFO'].fields_by_name['last_load_time']._loaded_options = None
+  _globals['_MODELINFO'].fields_by_name['last_load_time']._serialized_options = b'\342A\001\003'
+  _globals['_MODELINFO'].fields_by_name['keep_alive']._loaded_options = None
+  _globals['_MODELINFO'].fields_by_name['keep_alive']._serialized_options = b'\342A\001\003'
   _globals['_SERVERLIMITS'].fields_by_name['max_concurrency']._loaded_options = None
   _globals['_SERVERLIMITS'].fields_by_name['max_concurrency']._serialized_options = b'\342A\001\003'
   _globals['_SERVERLIMITS'].fields_by_name['max_queue']._loaded_options = None
@@ -80,16 +90,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTRANGE'].fields_by_name['max']._serialized_options = b'\342A\001\003'
   _globals['_INTRANGE'].fields_by_name['default_value']._loaded_options = None
   _globals['_INTRANGE'].fields_by_name['default_value']._serialized_options = b'\342A\001\003'
-  _globals['_READINESS']._serialized_start=886
-  _globals['_READINESS']._serialized_end=1014
-  _globals['_MODELINFO']._serialized_start=87
-  _globals['_MODELINFO']._serialized_end=439
-  _globals['_MODELINFO_LIBRARYVERSIONSENTRY']._serialized_start=385
-  _globals['_MODELINFO_LIBRARYVERSIONSENTRY']._serialized_end=439
-  _globals['_SERVERLIMITS']._serialized_start=442
-  _globals['_SERVERLIMITS']._serialized_end=694
-  _globals['_FLOATRANGE']._serialized_start=696
-  _globals['_FLOATRANGE']._serialized_end=804
-  _globals['_INTRANGE']._serialized_start=806
-  _globals['_INTRANGE']._serialized_end=883
+  _globals['_READINESS']._serialized_start=1145
+  _globals['_READINESS']._serialized_end=1273
+  _globals['_MODELINFO']._serialized_start=152
+  _globals['_MODELINFO']._serialized_end=698
+  _globals['_MODELINFO_LIBRARYVERSIONSENTRY']._serialized_start=644
+  _globals['_MODELINFO_LIBRARYVERSIONSENTRY']._serialized_end=698
+  _globals['_SERVERLIMITS']._serialized_start=701
+  _globals['_SERVERLIMITS']._serialized_end=953
+  _globals['_FLOATRANGE']._serialized_start=955
+  _globals['_FLOATRANGE']._serialized_end=1063
+  _globals['_INTRANGE']._serialized_start=1065
+  _globals['_INTRANGE']._serialized_end=1142
 # @@protoc_insertion_point(module_scope)

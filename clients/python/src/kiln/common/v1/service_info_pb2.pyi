@@ -1,4 +1,8 @@
+import datetime
+
 from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -22,7 +26,7 @@ READINESS_FAILED: Readiness
 READINESS_DRAINING: Readiness
 
 class ModelInfo(_message.Message):
-    __slots__ = ("provider", "model_id", "model_revision", "device", "dtype", "readiness", "readiness_reason", "library_versions")
+    __slots__ = ("provider", "model_id", "model_revision", "device", "dtype", "readiness", "readiness_reason", "library_versions", "loaded", "last_load_duration", "last_load_time", "keep_alive")
     class LibraryVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +42,10 @@ class ModelInfo(_message.Message):
     READINESS_FIELD_NUMBER: _ClassVar[int]
     READINESS_REASON_FIELD_NUMBER: _ClassVar[int]
     LIBRARY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOAD_DURATION_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOAD_TIME_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     provider: str
     model_id: str
     model_revision: str
@@ -46,7 +54,11 @@ class ModelInfo(_message.Message):
     readiness: Readiness
     readiness_reason: str
     library_versions: _containers.ScalarMap[str, str]
-    def __init__(self, provider: _Optional[str] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., readiness: _Optional[_Union[Readiness, str]] = ..., readiness_reason: _Optional[str] = ..., library_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    loaded: bool
+    last_load_duration: _duration_pb2.Duration
+    last_load_time: _timestamp_pb2.Timestamp
+    keep_alive: _duration_pb2.Duration
+    def __init__(self, provider: _Optional[str] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., readiness: _Optional[_Union[Readiness, str]] = ..., readiness_reason: _Optional[str] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., loaded: _Optional[bool] = ..., last_load_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., last_load_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_concurrency", "max_queue", "running", "queued", "max_image_bytes", "max_image_pixels", "max_message_bytes", "max_inline_artifact_bytes")

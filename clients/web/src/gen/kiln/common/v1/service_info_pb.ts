@@ -5,17 +5,19 @@
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb.js";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file kiln/common/v1/service_info.proto.
  */
 export const file_kiln_common_v1_service_info: GenFile = /*@__PURE__*/
-  fileDesc("CiFraWxuL2NvbW1vbi92MS9zZXJ2aWNlX2luZm8ucHJvdG8SDmtpbG4uY29tbW9uLnYxIuACCglNb2RlbEluZm8SFgoIcHJvdmlkZXIYASABKAlCBOJBAQMSFgoIbW9kZWxfaWQYAiABKAlCBOJBAQMSHAoObW9kZWxfcmV2aXNpb24YAyABKAlCBOJBAQMSFAoGZGV2aWNlGAQgASgJQgTiQQEDEhMKBWR0eXBlGAUgASgJQgTiQQEDEjIKCXJlYWRpbmVzcxgGIAEoDjIZLmtpbG4uY29tbW9uLnYxLlJlYWRpbmVzc0IE4kEBAxIeChByZWFkaW5lc3NfcmVhc29uGAcgASgJQgTiQQEDEk4KEGxpYnJhcnlfdmVyc2lvbnMYCCADKAsyLi5raWxuLmNvbW1vbi52MS5Nb2RlbEluZm8uTGlicmFyeVZlcnNpb25zRW50cnlCBOJBAQMaNgoUTGlicmFyeVZlcnNpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASL8AQoMU2VydmVyTGltaXRzEh0KD21heF9jb25jdXJyZW5jeRgBIAEoBUIE4kEBAxIXCgltYXhfcXVldWUYAiABKAVCBOJBAQMSFQoHcnVubmluZxgDIAEoBUIE4kEBAxIUCgZxdWV1ZWQYBCABKAVCBOJBAQMSHQoPbWF4X2ltYWdlX2J5dGVzGAUgASgDQgTiQQEDEh4KEG1heF9pbWFnZV9waXhlbHMYBiABKANCBOJBAQMSHwoRbWF4X21lc3NhZ2VfYnl0ZXMYByABKANCBOJBAQMSJwoZbWF4X2lubGluZV9hcnRpZmFjdF9ieXRlcxgIIAEoA0IE4kEBAyJsCgpGbG9hdFJhbmdlEhEKA21pbhgBIAEoAUIE4kEBAxIRCgNtYXgYAiABKAFCBOJBAQMSGwoNbWluX2V4Y2x1c2l2ZRgDIAEoCEIE4kEBAxIbCg1kZWZhdWx0X3ZhbHVlGAQgASgBQgTiQQEDIk0KCEludFJhbmdlEhEKA21pbhgBIAEoA0IE4kEBAxIRCgNtYXgYAiABKANCBOJBAQMSGwoNZGVmYXVsdF92YWx1ZRgDIAEoA0IE4kEBAyqAAQoJUmVhZGluZXNzEhkKFVJFQURJTkVTU19VTlNQRUNJRklFRBAAEhUKEVJFQURJTkVTU19MT0FESU5HEAESEwoPUkVBRElORVNTX1JFQURZEAISFAoQUkVBRElORVNTX0ZBSUxFRBADEhYKElJFQURJTkVTU19EUkFJTklORxAEYgZwcm90bzM", [file_google_api_field_behavior]);
+  fileDesc("CiFraWxuL2NvbW1vbi92MS9zZXJ2aWNlX2luZm8ucHJvdG8SDmtpbG4uY29tbW9uLnYxIqIECglNb2RlbEluZm8SFgoIcHJvdmlkZXIYASABKAlCBOJBAQMSFgoIbW9kZWxfaWQYAiABKAlCBOJBAQMSHAoObW9kZWxfcmV2aXNpb24YAyABKAlCBOJBAQMSFAoGZGV2aWNlGAQgASgJQgTiQQEDEhMKBWR0eXBlGAUgASgJQgTiQQEDEjIKCXJlYWRpbmVzcxgGIAEoDjIZLmtpbG4uY29tbW9uLnYxLlJlYWRpbmVzc0IE4kEBAxIeChByZWFkaW5lc3NfcmVhc29uGAcgASgJQgTiQQEDEk4KEGxpYnJhcnlfdmVyc2lvbnMYCCADKAsyLi5raWxuLmNvbW1vbi52MS5Nb2RlbEluZm8uTGlicmFyeVZlcnNpb25zRW50cnlCBOJBAQMSFAoGbG9hZGVkGAkgASgIQgTiQQEDEjsKEmxhc3RfbG9hZF9kdXJhdGlvbhgKIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAxI4Cg5sYXN0X2xvYWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSMwoKa2VlcF9hbGl2ZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAxo2ChRMaWJyYXJ5VmVyc2lvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIvwBCgxTZXJ2ZXJMaW1pdHMSHQoPbWF4X2NvbmN1cnJlbmN5GAEgASgFQgTiQQEDEhcKCW1heF9xdWV1ZRgCIAEoBUIE4kEBAxIVCgdydW5uaW5nGAMgASgFQgTiQQEDEhQKBnF1ZXVlZBgEIAEoBUIE4kEBAxIdCg9tYXhfaW1hZ2VfYnl0ZXMYBSABKANCBOJBAQMSHgoQbWF4X2ltYWdlX3BpeGVscxgGIAEoA0IE4kEBAxIfChFtYXhfbWVzc2FnZV9ieXRlcxgHIAEoA0IE4kEBAxInChltYXhfaW5saW5lX2FydGlmYWN0X2J5dGVzGAggASgDQgTiQQEDImwKCkZsb2F0UmFuZ2USEQoDbWluGAEgASgBQgTiQQEDEhEKA21heBgCIAEoAUIE4kEBAxIbCg1taW5fZXhjbHVzaXZlGAMgASgIQgTiQQEDEhsKDWRlZmF1bHRfdmFsdWUYBCABKAFCBOJBAQMiTQoISW50UmFuZ2USEQoDbWluGAEgASgDQgTiQQEDEhEKA21heBgCIAEoA0IE4kEBAxIbCg1kZWZhdWx0X3ZhbHVlGAMgASgDQgTiQQEDKoABCglSZWFkaW5lc3MSGQoVUkVBRElORVNTX1VOU1BFQ0lGSUVEEAASFQoRUkVBRElORVNTX0xPQURJTkcQARITCg9SRUFESU5FU1NfUkVBRFkQAhIUChBSRUFESU5FU1NfRkFJTEVEEAMSFgoSUkVBRElORVNTX0RSQUlOSU5HEARiBnByb3RvMw", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * The model behind a server and where it runs.
- * Next free field: 9
+ * Next free field: 13
  *
  * @generated from message kiln.common.v1.ModelInfo
  */
@@ -75,6 +77,39 @@ export type ModelInfo = Message<"kiln.common.v1.ModelInfo"> & {
    * @generated from field: map<string, string> library_versions = 8;
    */
   libraryVersions: { [key: string]: string };
+
+  /**
+   * Required. Whether the weights are in memory now. False before a lazy first
+   * load and after an idle unload (`keep_alive`); the server still takes work
+   * then and the next job loads the model (`STAGE_LOAD_MODEL`).
+   *
+   * @generated from field: bool loaded = 9;
+   */
+  loaded: boolean;
+
+  /**
+   * Optional. How long the last successful load took, warm-up included; absent
+   * before the first load.
+   *
+   * @generated from field: google.protobuf.Duration last_load_duration = 10;
+   */
+  lastLoadDuration?: Duration | undefined;
+
+  /**
+   * Optional. When the last successful load finished; absent before the first
+   * load.
+   *
+   * @generated from field: google.protobuf.Timestamp last_load_time = 11;
+   */
+  lastLoadTime?: Timestamp | undefined;
+
+  /**
+   * Optional. How long the model stays loaded after its last job; zero unloads
+   * it right after each job; absent means it stays loaded.
+   *
+   * @generated from field: google.protobuf.Duration keep_alive = 12;
+   */
+  keepAlive?: Duration | undefined;
 };
 
 /**
