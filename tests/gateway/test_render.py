@@ -49,11 +49,20 @@ def test_config_has_the_recipe_must_haves() -> None:
     (listener,) = config["static_resources"]["listeners"]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"].rsplit(".", 1)[1] for f in manager["http_filters"]]
-    assert names == ["health_check", "compressor", "cors", "grpc_web", "grpc_json_transcoder", "router"]
+    assert names == [
+        "health_check",
+        "compressor",
+        "cors",
+        "grpc_web",
+        "lua",
+        "buffer",
+        "grpc_json_transcoder",
+        "router",
+    ]
     health_check = manager["http_filters"][0]["typed_config"]
     assert health_check["pass_through_mode"] is False
     assert health_check["headers"] == [{"name": ":path", "string_match": {"exact": HEALTH_PATH}}]
-    transcoder = manager["http_filters"][4]["typed_config"]
+    transcoder = manager["http_filters"][6]["typed_config"]
     assert transcoder["max_response_body_size"] == 16 << 20
     assert transcoder["print_options"]["stream_sse_style_delimited"] is True
     assert Path(transcoder["proto_descriptor"]).is_absolute()
@@ -113,7 +122,7 @@ def test_invalid_config_raises_with_envoys_reason(tmp_path: Path) -> None:
 def test_json_stream_format(stream_format: str, sse: bool, ndjson: bool) -> None:
     config = yaml.safe_load(render_config(settings(json_stream_format=stream_format)))
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    options = manager["http_filters"][4]["typed_config"]["print_options"]
+    options = manager["http_filters"][6]["typed_config"]["print_options"]
     assert options["stream_sse_style_delimited"] is sse
     assert options["stream_newline_delimited"] is ndjson
 

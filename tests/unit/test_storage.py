@@ -488,3 +488,19 @@ def test_concurrent_puts(store: LocalArtifactStore) -> None:
         assert store.read(artifact_id) == data
         assert store.get(artifact_id).sha256 == hashlib.sha256(data).hexdigest()
     assert len(all_files(store.root)) == 160  # no temp files left
+
+
+def test_chunks_stream_a_range_in_pieces(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    job = new_job_id()
+    data = bytes(range(256)) * 40  # 10240 bytes
+    stored = store.put(job, "mesh.glb", data, media_type="model/gltf-binary")
+    pieces = list(store.chunks(stored.id, chunk_bytes=4096))
+    assert [len(p) for p in pieces] == [4096, 4096, 2048]
+    assert b"".join(pieces) == data
+    assert b"".join(store.chunks(stored.id, chunk_bytes=1000, start=100, stop=2600)) == data[100:2600]
+    assert list(store.chunks(stored.id, chunk_bytes=10, start=len(data))) == []
+    with pytest.raises(ArtifactNotFound):
+        next(store.chunks(f"{job}/other.glb", chunk_bytes=10))
+    with pytest.raises(ValueError, match="bad range"):
+        next(store.chunks(stored.id, chunk_bytes=0))

@@ -148,6 +148,23 @@ function build(code: Code, message: string, details: Details, service: ServiceNa
           hint: "Use a smaller resolution or size, or ask the operator to raise the server's message limit.",
         };
       }
+      if (reason === "STORAGE_FULL") {
+        // Not "busy": retrying in a moment does not help, only freed space does.
+        return {
+          ...base,
+          title: `The ${server} has no room to save results`,
+          hint: "Its storage is full, so nothing was kept. Try again later, once old results have been cleaned up, or tell whoever runs the server.",
+        };
+      }
+      if (reason !== "CAPACITY") {
+        // Only CAPACITY is a full server. Without a reason this is a transport limit (gRPC's
+        // "message larger than max"): retrying never helps, so the server's own words are shown.
+        return {
+          ...base,
+          title: "The request is too large",
+          hint: "Use a smaller image (the limit is shown under the drop zone), or ask the operator to raise it.",
+        };
+      }
       return {
         ...base,
         kind: "busy",
@@ -163,6 +180,13 @@ function build(code: Code, message: string, details: Details, service: ServiceNa
       }
       if (reason === "SHUTTING_DOWN") {
         return { ...base, title: `The ${server} is shutting down`, hint: "Try again once it is back." };
+      }
+      if (reason === "STORAGE_UNAVAILABLE") {
+        return {
+          ...base,
+          title: `The ${server} cannot reach its storage`,
+          hint: "Nothing was run. Whoever runs the server needs to check the object store (the message says which setting).",
+        };
       }
       return {
         ...base,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from collections.abc import AsyncIterator, Callable
 
 from PIL import Image
@@ -45,24 +44,31 @@ class Img2ImgService(ModelService[Img2ImgModel]):
         self, job: Img2ImgJob, *, time_remaining: Callable[[], float | None] = lambda: None
     ) -> AsyncIterator[JobEvent]:
         """Stream one job's events; errors before the first event are raised, not yielded."""
-        started = time.perf_counter()
-        decoded = await self.decode_input(job.image_bytes)
+        await self.check_input(job.image_bytes)  # header only: a refusal for capacity decodes nothing
         options = self.preprocess_options
-        prepared = await asyncio.to_thread(prepare_image, decoded, max_side=options.max_side, min_side=options.min_side)
-        inputs = Img2ImgInput(
-            image=prepared.image,
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            strength=job.strength,
-            num_inference_steps=job.num_inference_steps,
-            guidance_scale=job.guidance_scale,
-            seed=job.seed,
-            scheduler=job.scheduler,
-            preview_every_n_steps=job.preview_every_n_steps,
-        )
-        preprocess_s = time.perf_counter() - started
+        prepared: list[Img2ImgInput] = []
+
+        async def prepare() -> None:  # after admission (JobRunner.run)
+            decoded = await self.decode_input(job.image_bytes)
+            image = await asyncio.to_thread(
+                prepare_image, decoded, max_side=options.max_side, min_side=options.min_side
+            )
+            prepared.append(
+                Img2ImgInput(
+                    image=image.image,
+                    prompt=job.prompt,
+                    negative_prompt=job.negative_prompt,
+                    strength=job.strength,
+                    num_inference_steps=job.num_inference_steps,
+                    guidance_scale=job.guidance_scale,
+                    seed=job.seed,
+                    scheduler=job.scheduler,
+                    preview_every_n_steps=job.preview_every_n_steps,
+                )
+            )
 
         def work(ctx: RunContext) -> JobOutput[Img2ImgPayload]:
+            (inputs,) = prepared
             with self.lease_provider() as provider:
                 output = provider.run(inputs, ctx)
                 description = provider.describe()
@@ -79,6 +85,6 @@ class Img2ImgService(ModelService[Img2ImgModel]):
             return JobOutput(payload=payload, artifacts=[artifact])
 
         async for event in self.runtime.runner.run(
-            work, delivery=job.delivery, timings=[("preprocess", preprocess_s)], time_remaining=time_remaining
+            work, delivery=job.delivery, time_remaining=time_remaining, prepare=prepare
         ):
             yield event

@@ -31,7 +31,7 @@ class Img2ImgServicer(pb_grpc.Img2ImgProviderServicer):
     ) -> pb.GetInfoResponse:
         runtime = self.service.runtime
         return pb.GetInfoResponse(
-            model=common.model_info(runtime.manager),
+            model=common.model_info(runtime.manager, storage_refusal=runtime.runner.storage_refusal()),
             limits=common.server_limits(runtime.settings, runtime.admission, runtime.runner.max_inline_bytes),
             parameters=convert.parameter_ranges(),
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 
 from kiln_mesh.convert import MeshJob, MeshPayload
@@ -37,21 +36,26 @@ class MeshService(ModelService[MeshModel]):
         self, job: MeshJob, *, time_remaining: Callable[[], float | None] = lambda: None
     ) -> AsyncIterator[JobEvent]:
         """Stream one job's events; errors before the first event are raised, not yielded."""
-        started = time.perf_counter()
-        image = await self.decode_input(job.image_bytes)
-        inputs = MeshInput(
-            image=image,
-            remove_background=job.remove_background,
-            foreground_ratio=job.foreground_ratio,
-            mc_resolution=job.mc_resolution,
-            mc_threshold=job.mc_threshold,
-            bake_texture=job.bake_texture,
-            texture_resolution=job.texture_resolution,
-            output_format=job.output_format.name,
-        )
-        preprocess_s = time.perf_counter() - started
+        await self.check_input(job.image_bytes)  # header only: a refusal for capacity decodes nothing
+        prepared: list[MeshInput] = []
+
+        async def prepare() -> None:  # after admission (JobRunner.run)
+            image = await self.decode_input(job.image_bytes)
+            prepared.append(
+                MeshInput(
+                    image=image,
+                    remove_background=job.remove_background,
+                    foreground_ratio=job.foreground_ratio,
+                    mc_resolution=job.mc_resolution,
+                    mc_threshold=job.mc_threshold,
+                    bake_texture=job.bake_texture,
+                    texture_resolution=job.texture_resolution,
+                    output_format=job.output_format.name,
+                )
+            )
 
         def work(ctx: RunContext) -> JobOutput[MeshPayload]:
+            (inputs,) = prepared
             with self.lease_provider() as provider:
                 output = provider.run(inputs, ctx)
                 description = provider.describe()
@@ -69,6 +73,6 @@ class MeshService(ModelService[MeshModel]):
             return JobOutput(payload=payload, artifacts=[artifact])
 
         async for event in self.runtime.runner.run(
-            work, delivery=job.delivery, timings=[("preprocess", preprocess_s)], time_remaining=time_remaining
+            work, delivery=job.delivery, time_remaining=time_remaining, prepare=prepare
         ):
             yield event

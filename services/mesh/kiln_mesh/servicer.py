@@ -31,7 +31,7 @@ class MeshServicer(pb_grpc.MeshProviderServicer):
     ) -> pb.GetInfoResponse:
         runtime = self.service.runtime
         return pb.GetInfoResponse(
-            model=common.model_info(runtime.manager),
+            model=common.model_info(runtime.manager, storage_refusal=runtime.runner.storage_refusal()),
             limits=common.server_limits(runtime.settings, runtime.admission, runtime.runner.max_inline_bytes),
             # Only Kiln's own TripoSR bakes textures; vendors and the fake return what they return.
             parameters=convert.parameter_ranges(can_bake_texture=runtime.manager.describe().kind == "local"),

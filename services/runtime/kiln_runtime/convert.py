@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from kiln.common.v1 import artifact_pb2, job_pb2, service_info_pb2
-from kiln_runtime.errors import FieldViolation, InvalidArgument
+from kiln_runtime.errors import FieldViolation, InvalidArgument, KilnError
 from kiln_runtime.jobs import (
     AcceptedEvent,
     ChunkEvent,
@@ -170,7 +170,8 @@ def generate_response(
     raise TypeError(f"unknown job event {event!r}")
 
 
-def model_info(manager: ModelManager) -> service_info_pb2.ModelInfo:
+def model_info(manager: ModelManager, *, storage_refusal: KilnError | None = None) -> service_info_pb2.ModelInfo:
+    """The model's `ModelInfo`; `storage_refusal` is why a new job would be refused for storage now."""
     description = manager.describe()
     info = service_info_pb2.ModelInfo(
         provider=description.kind,
@@ -179,7 +180,9 @@ def model_info(manager: ModelManager) -> service_info_pb2.ModelInfo:
         device=description.device,
         dtype=description.dtype,
         readiness=_READINESS[manager.readiness],
-        readiness_reason=manager.reason,
+        # The model's own reason first; a full storage keeps it READY (downloads and GetInfo still work,
+        # and health stays SERVING) but says why new jobs are refused.
+        readiness_reason=manager.reason or (storage_refusal.message if storage_refusal is not None else ""),
         library_versions=description.library_versions,
         loaded=manager.loaded,
     )

@@ -14,6 +14,15 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+RETRIABLE_HEADER = "kiln-retriable"
+"""Response metadata set on refusals that another replica may accept (value "true").
+
+Envoy reads headers, not `ErrorInfo`: its retry policy matches this header (`retriable-headers`)
+instead of status codes, since RESOURCE_EXHAUSTED also means "message larger than max" and
+STORAGE_FULL, which no retry can fix. An error before the first event is a trailers-only
+response, so the header reaches Envoy with the status.
+"""
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -28,6 +37,9 @@ class KilnError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
+    #: True when the request did no work and another replica (or a later try) may accept it:
+    #: the server then sets `RETRIABLE_HEADER` (ARCHITECTURE.md, "Retries").
+    retriable: bool = False
 
     def __init__(
         self,
@@ -45,6 +57,10 @@ class KilnError(Exception):
     def extra_details(self) -> list[any_pb2.Any]:
         """Details beyond `ErrorInfo` (BadRequest, RetryInfo, ...); subclasses add theirs."""
         return []
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """Extra trailing metadata of the failed call (through the gateway, response headers)."""
+        return ()
 
     def to_status(self, domain: str) -> status_pb2.Status:
         """The `google.rpc.Status` for this error: code, message, ErrorInfo, then extras."""
@@ -81,6 +97,7 @@ class Overloaded(KilnError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "CAPACITY"
+    retriable = True
 
     def __init__(self, message: str, *, retry_after_s: float, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message, metadata=metadata)
@@ -104,6 +121,7 @@ class ShuttingDown(KilnError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+    retriable = True
 
 
 class Cancelled(KilnError):
@@ -125,6 +143,17 @@ class ArtifactTooLarge(KilnError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "ARTIFACT_TOO_LARGE"
+
+
+class StorageFull(KilnError):
+    """The artifact storage has no room for a job's results (budget, free-space floor, or a full disk).
+
+    RESOURCE_EXHAUSTED is gRPC's code for "the entire file system is out of space". No
+    RetryInfo: unlike CAPACITY, waiting a few seconds does not help; freeing space does.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "STORAGE_FULL"
 
 
 class DeadlineExceeded(KilnError):

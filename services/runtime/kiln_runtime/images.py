@@ -7,8 +7,10 @@ decoder traceback.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -21,6 +23,16 @@ def invalid_image(description: str, field: str = "image") -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, description)])
 
 
+def check_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "image") -> tuple[int, int]:
+    """Check the byte limit, the format and the pixel limit from the header only; return (width, height).
+
+    Cheap enough to run before admission: Pillow reads the header and no pixel, so a request
+    that is then refused for capacity has cost almost nothing.
+    """
+    with _opened(data, max_bytes=max_bytes, max_pixels=max_pixels, field=field) as image:
+        return image.size
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
     """Decode PNG/JPEG/WebP bytes fully, enforcing the byte and pixel limits first.
 
@@ -28,10 +40,18 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
     decompression bomb costs nothing. The whole image is then loaded so that truncated
     files fail here and not inside a model run.
     """
+    with _opened(data, max_bytes=max_bytes, max_pixels=max_pixels, field=field) as image:
+        image.load()
+        return image
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, *, max_bytes: int, max_pixels: int, field: str) -> Iterator[Image.Image]:
+    """The image opened (header read, limits checked); decoder errors inside become field errors."""
     if not data:
         raise invalid_image("is empty; send the encoded bytes of a PNG, JPEG or WebP image", field)
     if len(data) > max_bytes:
-        raise invalid_image(f"is {len(data)} bytes, more than the {max_bytes} allowed", field)
+        raise invalid_image(f"is {len(data)} bytes, more than the {max_bytes} allowed ({_mib(max_bytes)})", field)
     try:
         with warnings.catch_warnings():
             # Pillow warns (and later errors) on large images; our own limit decides instead.
@@ -46,7 +66,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
                 raise invalid_image(
                     f"is {width}x{height} = {width * height} pixels, more than the {max_pixels} allowed", field
                 )
-            image.load()
+            yield image
     except InvalidArgument:
         raise
     except Image.DecompressionBombError:
@@ -55,4 +75,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
         raise invalid_image("is not a PNG, JPEG or WebP image", field) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise invalid_image(f"could not be decoded (truncated or corrupt: {err})", field) from None
-    return image
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB"

@@ -16,16 +16,17 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from kiln_runtime.errors import Cancelled, DeadlineExceeded, InternalError, KilnError
+from kiln_runtime.errors import Cancelled, DeadlineExceeded, InternalError, KilnError, StorageFull
 from kiln_runtime.limits import AdmissionController, Slot, Ticket
 from kiln_runtime.model_manager import ModelHold, ModelManager
 from kiln_runtime.provider import ProgressUpdate, RunContext, Stage
 from kiln_runtime.storage import ArtifactStore, StoredArtifact, new_job_id
+from kiln_runtime.storage.budget import StorageGuard
 from kiln_runtime.telemetry.logging import job_id_var, request_id_var
 from kiln_runtime.telemetry.metrics import ServiceMetrics
 
@@ -129,9 +130,12 @@ class JobRunner:
         max_message_bytes: int,
         max_inline_bytes: int,
         model: ModelManager | None = None,
+        storage_guard: StorageGuard | None = None,
     ) -> None:
         self.admission = admission
         self.model = model
+        # Local storage only: refuses jobs whose results the disk or the budget could not keep.
+        self.storage_guard = storage_guard
         self.store = store
         self.metrics = metrics
         self.chunk_bytes = max(max_message_bytes - MESSAGE_OVERHEAD_BYTES, 16 * 1024)
@@ -149,18 +153,38 @@ class JobRunner:
         delivery: Delivery = Delivery.DEFAULT,
         timings: Sequence[tuple[str, float]] = (),
         time_remaining: Callable[[], float | None] = lambda: None,
+        prepare: Callable[[], Awaitable[object]] | None = None,
     ) -> AsyncIterator[JobEvent]:
         """Admit and run `work`, yielding its events.
 
-        Raises `Overloaded` or `ShuttingDown` before the first event when the job cannot be
-        admitted. After the first event, a failure is yielded as `ErrorEvent` and then raised,
+        Raises `StorageFull`, `Overloaded` or `ShuttingDown` before the first event when the job
+        cannot be admitted. After the first event, a failure is yielded as `ErrorEvent` and then raised,
         so the call ends with the same status. Closing the iterator cancels the job.
+
+        Args:
+            work: The job itself, run in a worker thread once it holds a slot.
+            delivery: How the artifacts travel back.
+            timings: Phases measured before the call, reported in the result.
+            time_remaining: The caller's deadline, in seconds left.
+            prepare: Heavy input work (decoding the image) that runs only once the job is
+                admitted, before its first event: a request refused for capacity never pays
+                for it, and its failure (a corrupt image) is still a plain status. Timed as
+                the `preprocess` phase.
         """
+        self.check_storage()  # may raise StorageFull before anything is sent
         ticket = self.admission.admit()  # may raise before anything is sent
+        phases = list(timings)
+        if prepare is not None:
+            prepare_started = time.perf_counter()
+            try:
+                await prepare()
+            except BaseException:
+                ticket.abandon()  # the place or slot goes to the next job
+                raise
+            phases.append(("preprocess", time.perf_counter() - prepare_started))
         job_id = new_job_id()
         job_id_var.set(job_id)
         self._update_gauges()
-        phases = list(timings)
         worker_owns_slot = False
         # Held from admission, so that a queued job keeps the model from an idle unload too.
         hold = self.model.hold() if self.model is not None else None
@@ -200,6 +224,19 @@ class JobRunner:
                 if hold is not None:
                     hold.release()
             self._update_gauges()
+
+    def storage_refusal(self) -> StorageFull | None:
+        """The `StorageFull` one more job would get now (see storage/budget.py), or None."""
+        if self.storage_guard is None:
+            return None
+        # Every job admitted and not finished will store its results too.
+        return self.storage_guard.shortfall(pending_jobs=self.admission.running + self.admission.queued)
+
+    def check_storage(self) -> None:
+        """Raise `StorageFull` when one more job's results could not be stored."""
+        if (refusal := self.storage_refusal()) is not None:
+            self.metrics.count_storage_full(when="admission")
+            raise refusal
 
     async def _wait_for_load(self, load: asyncio.Task[None], expected_s: float | None) -> AsyncIterator[ProgressEvent]:
         """STAGE_LOAD_MODEL events until the shared load finishes; raises its `ModelNotReady`.

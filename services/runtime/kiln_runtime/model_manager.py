@@ -91,6 +91,8 @@ class ModelManager:
         metrics: ServiceMetrics,
         load_on_startup: bool = True,
         keep_alive: float | None = None,
+        preflight: Callable[[], None] | None = None,
+        preflight_retry_s: float = 5.0,
     ) -> None:
         self.provider = provider
         self._health = health_servicer
@@ -98,6 +100,11 @@ class ModelManager:
         self._metrics = metrics
         self._load_on_startup = load_on_startup
         self.keep_alive = keep_alive
+        # What must work before any job (the object store): checked in a thread before the
+        # startup load, retried until it passes, its failure a readable NOT_SERVING state.
+        self._preflight = preflight
+        self._preflight_retry_s = preflight_retry_s
+        self._preflight_failed = False
         self._lock = asyncio.Lock()  # loads, unloads and reloads, one at a time
         self.state = ModelState.UNLOADED
         self.readiness = Readiness.LOADING
@@ -224,8 +231,41 @@ class ModelManager:
         """Begin loading (or, when lazy, report SERVING at once) without blocking the caller."""
         self._loop = asyncio.get_running_loop()
         await self._publish(NOT_SERVING)
+        if self._preflight is not None:
+            self.reason = "checking the artifact storage"
+            self._task = asyncio.create_task(self._preflight_then_start(), name="kiln-preflight")
+            return
         if self._load_on_startup:
             self._task = asyncio.create_task(self._startup_load(), name="kiln-model-load")
+        else:
+            self.readiness, self.reason = Readiness.READY, ""
+            await self._publish(SERVING)
+
+    async def _preflight_then_start(self) -> None:
+        """Run the preflight until it passes (reporting each failure), then start as usual."""
+        assert self._preflight is not None
+        while True:
+            try:
+                await asyncio.to_thread(self._preflight)
+                break
+            except Exception as err:  # the cause is the readiness reason, not a crash
+                cause = str(err) or type(err).__name__
+                if self.readiness is Readiness.DRAINING:
+                    return
+                if cause != self.reason:
+                    log.error("not serving: %s (checking again every %g s)", cause, self._preflight_retry_s)
+                self._preflight_failed = True
+                self.readiness, self.reason = Readiness.FAILED, cause
+                await self._publish(NOT_SERVING)
+            await asyncio.sleep(self._preflight_retry_s)
+        if self.readiness is Readiness.DRAINING:
+            return
+        if self._preflight_failed:
+            log.info("the startup check passes now")
+        self._preflight_failed = False
+        if self._load_on_startup:
+            self.readiness, self.reason = Readiness.LOADING, "the model is loading"
+            await self._startup_load()
         else:
             self.readiness, self.reason = Readiness.READY, ""
             await self._publish(SERVING)
@@ -242,6 +282,8 @@ class ModelManager:
         """
         if self.readiness is Readiness.LOADING:
             raise ModelNotReady("the model is still loading; retry in a few seconds")
+        if self.readiness is Readiness.FAILED and self._preflight_failed:
+            raise ModelNotReady(f"the server cannot take jobs yet: {self.reason}")
         if self.readiness is Readiness.FAILED:
             raise ModelNotReady(f"the model failed to load: {self.reason}")
 

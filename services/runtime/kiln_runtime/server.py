@@ -36,8 +36,10 @@ from kiln_runtime.jobs import JobRunner
 from kiln_runtime.limits import AdmissionController
 from kiln_runtime.model_manager import ModelManager
 from kiln_runtime.provider import Provider
-from kiln_runtime.settings import KilnSettings, ServiceSettings
-from kiln_runtime.storage import ArtifactStore, LocalArtifactStore
+from kiln_runtime.settings import KilnSettings, ServiceSettings, StorageSettings
+from kiln_runtime.storage import ArtifactStore, open_store
+from kiln_runtime.storage.budget import StorageGuard
+from kiln_runtime.storage.local import LocalArtifactStore
 from kiln_runtime.telemetry.interceptors import (
     AccessLogMetricsInterceptor,
     ErrorInterceptor,
@@ -61,6 +63,8 @@ class Runtime:
     runner: JobRunner
     manager: ModelManager
     health: health.aio.HealthServicer
+    # Budget and free-space floor of a local artifact folder; None for an object store.
+    storage_guard: StorageGuard | None = None
 
 
 def choose_service_device(name: str, settings: ServiceSettings) -> DeviceChoice:
@@ -89,7 +93,10 @@ def build_runtime(
 ) -> Runtime:
     """Build the shared runtime for one model server (no sockets opened yet)."""
     metrics = ServiceMetrics(name)
-    store = LocalArtifactStore(kiln.storage.resolved_output_dir.resolve(), public_base_url=kiln.storage.public_base_url)
+    store = open_store(kiln.storage)
+    guard = StorageGuard.for_settings(store.root, kiln.storage) if isinstance(store, LocalArtifactStore) else None
+    if guard is not None:
+        guard.export_to(metrics)
     admission = AdmissionController(settings.runtime.max_concurrency, settings.runtime.max_queue)
     health_servicer = health.aio.HealthServicer()
     manager = ModelManager(
@@ -99,6 +106,7 @@ def build_runtime(
         metrics=metrics,
         load_on_startup=settings.runtime.load_on_startup,
         keep_alive=settings.runtime.keep_alive,
+        preflight=_storage_preflight(store, kiln.storage),
     )
     runner = JobRunner(
         admission=admission,
@@ -107,6 +115,7 @@ def build_runtime(
         max_message_bytes=settings.server.max_message_bytes,
         max_inline_bytes=kiln.storage.max_inline_bytes,
         model=manager,
+        storage_guard=guard,
     )
     return Runtime(
         name=name,
@@ -118,7 +127,29 @@ def build_runtime(
         runner=runner,
         manager=manager,
         health=health_servicer,
+        storage_guard=guard,
     )
+
+
+def _storage_preflight(store: ArtifactStore, storage: StorageSettings) -> Callable[[], None] | None:
+    """What must work before the server takes jobs: an object store must answer (NOT_SERVING until it does)."""
+    if storage.backend != "s3":  # the local folder is created on the first write
+        return None
+    from kiln_runtime.storage.s3 import S3ArtifactStore  # boto3 only when chosen
+
+    if not isinstance(store, S3ArtifactStore):
+        return None
+    s3_store = store
+
+    def preflight() -> None:
+        s3_store.check()
+        if storage.s3.lifecycle_rule:
+            try:
+                s3_store.apply_lifecycle(storage.retention_hours)
+            except Exception as err:  # a backstop only: cleanup() still sweeps by age
+                log.warning("could not set the bucket's lifecycle rule (cleanup still runs): %s", err)
+
+    return preflight
 
 
 class KilnServer:
@@ -146,7 +177,12 @@ class KilnServer:
             ],
             options=[
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                # Requests carry images up to limits.max_image_bytes, with headroom so that a larger
+                # one reaches the service's INVALID_ARGUMENT instead of gRPC's RESOURCE_EXHAUSTED.
+                (
+                    "grpc.max_receive_message_length",
+                    max(settings.max_message_bytes, runtime.settings.limits.max_request_bytes),
+                ),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
         )
@@ -162,6 +198,7 @@ class KilnServer:
         self.metrics_port = 0
         self._metrics_server: Any = None
         self._cleanup_task: asyncio.Task[None] | None = None
+        self._usage_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -177,6 +214,10 @@ class KilnServer:
         await self.server.start()
         await self.runtime.manager.start()
         self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="kiln-storage-cleanup")
+        if self.runtime.storage_guard is not None:
+            self._usage_task = asyncio.create_task(
+                self.runtime.storage_guard.watch(self._kiln.storage.usage_interval_s), name="kiln-storage-usage"
+            )
         log.info(
             "%s serving on %s:%d (metrics on %d)",
             self._service_full_name,
@@ -196,10 +237,11 @@ class KilnServer:
         await self.runtime.manager.drain()
         self.runtime.admission.start_draining()
         await self.server.stop(grace)
-        if self._cleanup_task is not None:
-            self._cleanup_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleanup_task
+        for task in (self._cleanup_task, self._usage_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.runtime.runner.shutdown()
@@ -225,12 +267,17 @@ class KilnServer:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
 
     async def _cleanup_loop(self) -> None:
+        """The retention sweep: once at start, then every `storage.cleanup_interval_s` until stopped."""
         storage = self._kiln.storage
         while True:
             try:
                 removed = await asyncio.to_thread(self.runtime.store.cleanup, storage.retention_hours * 3600)
+                self.runtime.metrics.cleanups.inc()
                 if removed:
+                    self.runtime.metrics.cleanup_removed.inc(removed)
                     log.info("storage cleanup removed %d job folder(s)", removed)
+                    if self.runtime.storage_guard is not None:  # the freed bytes count at once
+                        await asyncio.to_thread(self.runtime.storage_guard.refresh)
             except Exception:  # a failed sweep must not take the server down; the next one retries
                 log.exception("storage cleanup failed")
             await asyncio.sleep(storage.cleanup_interval_s)

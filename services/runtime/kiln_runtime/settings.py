@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ByteSize, Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kiln_client.limits import DEFAULT_MAX_IMAGE_BYTES, max_request_message_bytes
 from kiln_runtime.durations import parse_keep_alive
 
 MiB = 1 << 20
@@ -36,7 +37,8 @@ class ServerSettings(BaseModel):
     )
     max_message_bytes: PositiveInt = Field(
         4 * MiB,
-        description="Cap on any gRPC message sent or received, in bytes; artifacts above it are chunked.",
+        description="Cap on any gRPC message sent (artifacts above it are chunked); requests may be larger: "
+        "their cap follows limits.max_image_bytes.",
     )
     shutdown_grace_s: PositiveFloat = Field(
         30.0, description="Seconds in-flight streams may take to finish after SIGTERM before they are cancelled."
@@ -70,10 +72,20 @@ class RuntimeSettings(BaseModel):
 class LimitsSettings(BaseModel):
     """Input size limits checked before any decoding work."""
 
-    max_image_bytes: PositiveInt = Field(20 * MiB, description="Largest encoded input image, in bytes.")
+    max_image_bytes: PositiveInt = Field(
+        DEFAULT_MAX_IMAGE_BYTES,
+        description="Largest encoded input image, in bytes; the gRPC receive cap (twice this plus 1 MiB, so a "
+        "larger image is refused by name rather than by the transport) follows it. Keep the gateway's "
+        "KILN_GATEWAY__MAX_IMAGE_BYTES equal.",
+    )
     max_image_pixels: PositiveInt = Field(
         4096 * 4096, description="Largest decoded input image, width x height; larger is a decompression bomb."
     )
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The gRPC receive cap for requests (`kiln_client.limits.max_request_message_bytes`)."""
+        return max_request_message_bytes(self.max_image_bytes)
 
 
 class ModelSettings(BaseModel):
@@ -104,13 +116,65 @@ class FakeProviderSettings(BaseModel):
     )
 
 
+class S3StorageSettings(BaseModel):
+    """An S3-compatible bucket for artifacts (`storage.backend = s3`).
+
+    Credentials are not settings: boto3 takes them from the standard AWS chain (AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, web identity, instance roles), and Kiln never logs them.
+    """
+
+    endpoint_url: str = Field(
+        "",
+        description="S3 endpoint, e.g. http://127.0.0.1:8333 (SeaweedFS) or "
+        "https://<account>.r2.cloudflarestorage.com; empty: AWS S3 for the region.",
+    )
+    bucket: str = Field("", description="Bucket the artifacts go to; it must exist (required with backend=s3).")
+    prefix: str = Field("kiln/", description="Key prefix inside the bucket, so one bucket can hold other data too.")
+    region: str = Field("us-east-1", description="Region for request signing (most non-AWS services accept any).")
+    path_style: bool = Field(
+        True,
+        description="Path-style addressing (<endpoint>/<bucket>/<key>), which MinIO and SeaweedFS need; "
+        "false: virtual-hosted style (<bucket>.<endpoint>).",
+    )
+    presign_expiry_s: int = Field(
+        3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Lifetime of the presigned GET URLs that artifact URIs are (max 7 days).",
+    )
+    public_endpoint_url: str = Field(
+        "",
+        description="Endpoint presigned URLs name, when clients reach the store at another address than the "
+        "servers (e.g. http://127.0.0.1:8333 for a browser, http://seaweedfs:8333 inside compose); "
+        "empty: endpoint_url.",
+    )
+    multipart_threshold_bytes: int = Field(
+        16 * MiB, ge=5 * MiB, description="Artifacts at least this large are uploaded in parts (multipart upload)."
+    )
+    part_bytes: int = Field(8 * MiB, ge=5 * MiB, description="Part size of a multipart upload (S3's minimum is 5 MiB).")
+    lifecycle_rule: bool = Field(
+        False,
+        description="At startup, set the bucket's lifecycle to expire objects under the prefix after "
+        "retention_hours (rounded up to days) and abort stale multipart uploads. It replaces the bucket's whole "
+        "lifecycle configuration, so it is off unless the bucket is Kiln's alone.",
+    )
+
+
 class StorageSettings(BaseModel):
     """Where artifacts are written and how clients reach them."""
 
+    backend: Literal["local", "s3"] = Field(
+        "local",
+        description="local: files under output_dir (one machine, or a shared volume); s3: an "
+        "S3-compatible bucket every replica reaches (the s3 section).",
+    )
+    s3: S3StorageSettings = Field(default_factory=S3StorageSettings, description="The bucket, when backend=s3.")
     data_dir: Path = Field(Path("data"), description="Root for Kiln's files; relative paths are from the cwd.")
     output_dir: Path | None = Field(None, description="Artifact directory; default <data_dir>/outputs.")
     public_base_url: str = Field(
-        "", description="If set, artifact URIs are <public_base_url>/<artifact id>; else file:// paths."
+        "",
+        description="If set, artifact URIs are <public_base_url>/<artifact id>; else file:// paths (local) or "
+        "presigned GET URLs (s3).",
     )
     max_inline_bytes: PositiveInt = Field(
         2 * MiB, description="Artifacts up to this size may travel inline in the result message."
@@ -119,6 +183,30 @@ class StorageSettings(BaseModel):
         24.0 * 7, description="Job folders older than this are removed by the periodic cleanup."
     )
     cleanup_interval_s: PositiveFloat = Field(3600.0, description="Seconds between cleanup sweeps.")
+    budget_bytes: ByteSize | None = Field(
+        None,
+        description="Most bytes the artifact folder may hold (local backend), e.g. 50GiB; a job that would cross it "
+        "is refused before it runs (STORAGE_FULL). Unset: no budget, only min_free_bytes.",
+    )
+    min_free_bytes: ByteSize = Field(
+        ByteSize(256 * MiB),
+        description="Free space the local backend leaves on the artifact folder's disk, e.g. 1GiB; a job that would "
+        "take it below this is refused before it runs (STORAGE_FULL). 0 turns the floor off.",
+    )
+    expected_job_bytes: ByteSize = Field(
+        ByteSize(16 * MiB),
+        description="Bytes a job is assumed to store until this server has stored some; from then on the largest of "
+        "its last 32 jobs. Used, times the jobs admitted, to refuse work the storage could not keep.",
+    )
+    usage_interval_s: PositiveFloat = Field(
+        30.0, description="Seconds between recounts of the bytes the artifact folder holds (budget, metrics)."
+    )
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> StorageSettings:
+        if self.backend == "s3" and not self.s3.bucket:
+            raise ValueError("storage.backend=s3 needs a bucket: set KILN_STORAGE__S3__BUCKET")
+        return self
 
     @property
     def resolved_output_dir(self) -> Path:

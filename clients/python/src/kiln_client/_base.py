@@ -20,22 +20,25 @@ from kiln.artifacts.v1 import artifact_service_pb2 as artifacts_pb
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as artifacts_grpc
 from kiln.common.v1 import artifact_pb2
 from kiln_client import _download, _stream
-from kiln_client.errors import KilnError, error_from_rpc_error
+from kiln_client.errors import InvalidArgumentError, error_from_rpc_error
+from kiln_client.limits import DEFAULT_MAX_IMAGE_BYTES, max_request_message_bytes
 
 StubT = TypeVar("StubT")
 ResponseT = TypeVar("ResponseT")
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
-"""The servers' default cap (``KILN_<SERVICE>__SERVER__MAX_MESSAGE_BYTES``): larger artifacts
-arrive in chunks below it, and a larger upload would be refused. Raise both together."""
+"""The servers' default send cap (``KILN_<SERVICE>__SERVER__MAX_MESSAGE_BYTES``): larger artifacts
+arrive in chunks below it. It is this client's receive cap; raise both together."""
 
 Metadata = tuple[tuple[str, str], ...]
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def _channel_options(max_message_bytes: int, max_image_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        # The servers' own receive cap for that image limit: an image over the limit still reaches
+        # the server, whose INVALID_ARGUMENT names the field and the limit (kiln_client.limits).
+        ("grpc.max_send_message_length", max_request_message_bytes(max_image_bytes)),
     ]
 
 
@@ -58,6 +61,8 @@ class _ClientCore(Generic[StubT]):
     """What both client kinds keep: construction, deadlines, retries, metadata."""
 
     _stub_type: Callable[[Any], StubT]
+    # What this client sends at most; a larger request is refused here, before it travels.
+    _max_request_bytes: int = max_request_message_bytes(DEFAULT_MAX_IMAGE_BYTES)
 
     def __init__(
         self,
@@ -65,16 +70,19 @@ class _ClientCore(Generic[StubT]):
         *,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         tls: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         api_key: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         retries: int = 2,
     ) -> None:
-        channel = self._open_channel(target, _channel_options(max_message_bytes), _credentials(tls, credentials))
+        options = _channel_options(max_message_bytes, max_image_bytes)
+        channel = self._open_channel(target, options, _credentials(tls, credentials))
         self._init(
             channel, timeout=timeout, retries=retries, metadata=_call_metadata(api_key, metadata), owns_channel=True
         )
+        self._max_request_bytes = max_request_message_bytes(max_image_bytes)
 
     @staticmethod
     def _open_channel(
@@ -131,6 +139,22 @@ class _ClientCore(Generic[StubT]):
     def _retry_count(self, retries: int | None) -> int:
         return self._retries if retries is None else retries
 
+    def _check_request_size(self, request: Any) -> None:
+        """Refuse a request the channel could not send, as the server would: by field, with the limit.
+
+        Without this, grpc refuses it locally as RESOURCE_EXHAUSTED ("Sent message larger than
+        max"), the code of a full server. Only images far over the servers' limit get here.
+        """
+        size = request.ByteSize()
+        if size > self._max_request_bytes:
+            description = (
+                f"makes a request of {size} bytes, more than the {self._max_request_bytes} this client sends; "
+                "the server's image limit is GetInfo's limits.max_image_bytes"
+            )
+            raise InvalidArgumentError(
+                f"invalid request: image: {description}", field_violations=[("image", description)]
+            )
+
 
 class ServiceClient(_ClientCore[StubT]):
     """A blocking client owning a channel and one generated stub; subclasses add the service's calls.
@@ -138,13 +162,17 @@ class ServiceClient(_ClientCore[StubT]):
     Args:
         target: Server or gateway address, for example ``localhost:50051``.
         timeout: Default deadline in seconds for every call; None waits indefinitely.
-        max_message_bytes: Send and receive cap of the channel (the servers' default).
+        max_message_bytes: Receive cap of the channel (the servers' send cap; larger artifacts arrive
+            in chunks).
+        max_image_bytes: The servers' image limit (GetInfo ``limits.max_image_bytes``); the send cap is
+            derived from it with headroom, so a too-large image gets the server's own answer.
         tls: Use TLS with the system's root certificates (ignored when ``credentials`` is given).
         credentials: Explicit channel credentials, for example ``grpc.ssl_channel_credentials(ca)``.
         api_key: Sent as ``authorization: Bearer <key>`` on every call (for a gateway that checks it).
         metadata: Extra ``(key, value)`` pairs sent on every call.
-        retries: Default number of retries of UNAVAILABLE and RESOURCE_EXHAUSTED before the
-            first event of a stream.
+        retries: Default number of retries before the first event of a stream, of what can succeed
+            on a later try: a full server (reason CAPACITY, after its RetryInfo delay), a draining
+            one (SHUTTING_DOWN), a connection that failed (ARCHITECTURE.md, "Retries").
     """
 
     @staticmethod
@@ -180,6 +208,7 @@ class ServiceClient(_ClientCore[StubT]):
 
     def _generate(self, request: Any, timeout: float | None, retries: int | None) -> Iterator[Any]:
         """Start Generate with the client's deadline and metadata; events with the retry rule."""
+        self._check_request_size(request)
         deadline = self._deadline(timeout)
 
         def start() -> Iterator[Any]:
@@ -207,11 +236,31 @@ class ServiceClient(_ClientCore[StubT]):
         response = self._unary(health_pb2_grpc.HealthStub(self._channel).Check, request, timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
+    def _artifact_pieces(self, artifact: artifact_pb2.Artifact, timeout: float | None) -> Iterator[bytes]:
+        """The artifact's bytes in pieces: ``DownloadArtifact`` on this channel, else its http(s) URI."""
+        request = artifacts_pb.DownloadArtifactRequest(artifact_id=artifact.id)
+        call = self._artifacts.DownloadArtifact(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        started = False
+        try:
+            for body in call:
+                started = True
+                yield body.data
+            return
+        except grpc.RpcError as rpc_error:
+            error = error_from_rpc_error(rpc_error)
+            # Once bytes have arrived, another source would only hide a broken download.
+            if started or not _download.should_try_uri(error, artifact):
+                raise error from rpc_error
+        finally:
+            call.cancel()  # a consumer that stopped early (a full disk) ends the stream; no-op after it ended
+        yield from _download.http_pieces(artifact, self._deadline(timeout))
+
     def fetch_artifact(self, artifact: artifact_pb2.Artifact, *, timeout: float | None = None) -> bytes:
         """The bytes of an artifact, wherever they are, checked against its SHA-256.
 
         Inline bytes are used as they are; a ``file://`` URI readable here is read; otherwise the
-        server's ``ArtifactProvider.GetArtifact`` on this channel, then an ``http(s)://`` URI.
+        server's ``ArtifactProvider.DownloadArtifact`` on this channel, then an ``http(s)://`` URI.
+        The whole artifact is held in memory: `download` writes big ones to disk as they arrive.
 
         Args:
             artifact: An artifact of a result.
@@ -226,16 +275,15 @@ class ServiceClient(_ClientCore[StubT]):
         """
         data = _download.local_bytes(artifact)
         if data is None:
-            request = artifacts_pb.GetArtifactRequest(artifact_id=artifact.id)
-            try:
-                data = self._unary(self._artifacts.GetArtifact, request, timeout).data
-            except KilnError as error:
-                data = _download.http_bytes_after(error, artifact, self._deadline(timeout))
+            data = b"".join(self._artifact_pieces(artifact, timeout))
         _download.verify(artifact, data)
         return data
 
     def download(self, artifact: artifact_pb2.Artifact, path: str | Path, *, timeout: float | None = None) -> Path:
         """Write an artifact to ``path``: complete and verified, or not at all.
+
+        The bytes stream into a temporary file beside ``path`` as they arrive (memory stays at a
+        few pieces whatever the size) and are renamed into place once size and SHA-256 match.
 
         Args:
             artifact: An artifact of a result.
@@ -244,8 +292,21 @@ class ServiceClient(_ClientCore[StubT]):
 
         Returns:
             The written path.
+
+        Raises:
+            ChecksumError: The bytes do not match the artifact's SHA-256 (nothing is written).
+            KilnError: No source had the artifact.
         """
-        return _download.write_atomically(Path(path), self.fetch_artifact(artifact, timeout=timeout))
+        with _download.ArtifactFile(Path(path), artifact) as file:
+            source = _download.local_path(artifact)
+            if artifact.inline_data:
+                file.write(artifact.inline_data)
+            elif source is not None:
+                file.copy_from(source)
+            else:
+                for piece in self._artifact_pieces(artifact, timeout):
+                    file.write(piece)
+            return file.commit()
 
 
 class AsyncServiceClient(_ClientCore[StubT]):
@@ -286,6 +347,7 @@ class AsyncServiceClient(_ClientCore[StubT]):
 
     def _generate(self, request: Any, timeout: float | None, retries: int | None) -> AsyncGenerator[Any]:
         """`ServiceClient._generate` for grpc.aio."""
+        self._check_request_size(request)
         deadline = self._deadline(timeout)
 
         def start() -> AsyncIterator[Any]:
@@ -293,22 +355,45 @@ class AsyncServiceClient(_ClientCore[StubT]):
 
         return _stream.astream_events(start, retries=self._retry_count(retries))
 
+    async def _artifact_pieces(self, artifact: artifact_pb2.Artifact, timeout: float | None) -> AsyncIterator[bytes]:
+        """See `ServiceClient._artifact_pieces`."""
+        request = artifacts_pb.DownloadArtifactRequest(artifact_id=artifact.id)
+        call = self._artifacts.DownloadArtifact(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        started = False
+        try:
+            async for body in call:
+                started = True
+                yield body.data
+            return
+        except grpc.RpcError as rpc_error:
+            error = error_from_rpc_error(rpc_error)
+            if started or not _download.should_try_uri(error, artifact):
+                raise error from rpc_error
+        finally:
+            call.cancel()
+        pieces = _download.http_pieces(artifact, self._deadline(timeout))
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            yield piece
+
     async def fetch_artifact(self, artifact: artifact_pb2.Artifact, *, timeout: float | None = None) -> bytes:
         """See `ServiceClient.fetch_artifact`."""
         data = _download.local_bytes(artifact)
         if data is None:
-            request = artifacts_pb.GetArtifactRequest(artifact_id=artifact.id)
-            try:
-                data = (await self._unary(self._artifacts.GetArtifact, request, timeout)).data
-            except KilnError as error:
-                data = await asyncio.to_thread(_download.http_bytes_after, error, artifact, self._deadline(timeout))
-        assert data is not None
+            data = b"".join([piece async for piece in self._artifact_pieces(artifact, timeout)])
         _download.verify(artifact, data)
         return data
 
     async def download(
         self, artifact: artifact_pb2.Artifact, path: str | Path, *, timeout: float | None = None
     ) -> Path:
-        """See `ServiceClient.download`."""
-        data = await self.fetch_artifact(artifact, timeout=timeout)
-        return await asyncio.to_thread(_download.write_atomically, Path(path), data)
+        """See `ServiceClient.download` (file writes run in a worker thread)."""
+        with await asyncio.to_thread(_download.ArtifactFile, Path(path), artifact) as file:
+            source = _download.local_path(artifact)
+            if artifact.inline_data:
+                await asyncio.to_thread(file.write, artifact.inline_data)
+            elif source is not None:
+                await asyncio.to_thread(file.copy_from, source)
+            else:
+                async for piece in self._artifact_pieces(artifact, timeout):
+                    await asyncio.to_thread(file.write, piece)
+            return await asyncio.to_thread(file.commit)

@@ -23,7 +23,6 @@ from kiln_client.errors import ChecksumError, KilnError, error_from_rpc_error, e
 MAX_RETRY_DELAY_S = 10.0
 """Longest wait between attempts, whatever the server's RetryInfo asks."""
 _BACKOFF_S = 0.2
-_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 EventT = TypeVar("EventT", bound=Message)
 
@@ -55,9 +54,9 @@ def stream_events(
 ) -> Iterator[EventT]:
     """Yield a Generate stream's events, raising ``KilnError`` on a failure.
 
-    UNAVAILABLE and RESOURCE_EXHAUSTED before the first event are retried up to ``retries``
-    times, waiting the server's RetryInfo delay (capped at ``MAX_RETRY_DELAY_S``) or a short
-    exponential backoff. Once an event has arrived nothing is retried: the job exists.
+    Before the first event, a failure that a later try can fix (`retriable`) is retried up to
+    ``retries`` times, waiting the server's RetryInfo delay (capped at ``MAX_RETRY_DELAY_S``) or
+    a short exponential backoff. Once an event has arrived nothing is retried: the job exists.
     """
     attempt = 0
     while True:
@@ -119,9 +118,25 @@ def _checked(event: EventT) -> EventT:
 def _delay_before_retry(rpc_error: grpc.RpcError, *, received: bool, attempt: int, retries: int) -> float:
     """Seconds to wait before the next attempt, or raise the call's `KilnError` if none is due."""
     error = error_from_rpc_error(rpc_error)
-    if received or attempt >= retries or error.code not in _RETRYABLE:
+    if received or attempt >= retries or not retriable(error):
         raise error from rpc_error
     return _retry_delay(error, attempt)
+
+
+def retriable(error: KilnError) -> bool:
+    """Whether trying again can succeed (ARCHITECTURE.md, "Retries", the decision table).
+
+    A full server (RESOURCE_EXHAUSTED, reason CAPACITY) or a draining one (UNAVAILABLE,
+    SHUTTING_DOWN) did no work; UNAVAILABLE without an ``ErrorInfo`` is the connection
+    (grpc's "failed to connect", or a gateway with no healthy replica). Never other
+    RESOURCE_EXHAUSTED (STORAGE_FULL, a message over a transport cap), nor MODEL_NOT_READY
+    (the load failed; the server keeps the reason).
+    """
+    if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return error.reason == "CAPACITY"
+    if error.code is grpc.StatusCode.UNAVAILABLE:
+        return error.reason in ("", "SHUTTING_DOWN")
+    return False
 
 
 def _retry_delay(error: KilnError, attempt: int) -> float:

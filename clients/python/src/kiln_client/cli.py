@@ -35,6 +35,7 @@ from kiln_client._img2img import Img2ImgClient, Img2ImgOptions, img2img_result
 from kiln_client._mesh import MeshClient, MeshOptions, mesh_result
 from kiln_client._progress import ProgressView
 from kiln_client.errors import KilnError
+from kiln_client.limits import DEFAULT_MAX_IMAGE_BYTES
 
 DEFAULT_TARGET = "localhost:8080"
 EXIT_OK = 0
@@ -137,6 +138,7 @@ def _connect(args: argparse.Namespace, client_type: type[ServiceClient[Any]]) ->
         api_key=args.api_key,
         retries=args.retries,
         max_message_bytes=args.max_message_bytes,
+        max_image_bytes=args.max_image_bytes,
     )
 
 
@@ -328,7 +330,9 @@ def _common_options() -> argparse.ArgumentParser:
         help="server or gateway host:port (env KILN_TARGET; default %(default)s)",
     )
     group.add_argument("--timeout", type=float, default=None, help="deadline in seconds for each call")
-    group.add_argument("--retries", type=int, default=2, help="retries while the server is busy or unavailable")
+    group.add_argument(
+        "--retries", type=int, default=2, help="retries while the server is full or draining, or unreachable"
+    )
     group.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
     group.add_argument("--ca-file", help="PEM root certificate(s) for TLS (implies --tls)")
     group.add_argument(
@@ -340,7 +344,14 @@ def _common_options() -> argparse.ArgumentParser:
         "--max-message-bytes",
         type=int,
         default=DEFAULT_MAX_MESSAGE_BYTES,
-        help="channel message cap; keep it equal to the server's (default %(default)s)",
+        help="largest message received (artifacts above it come in chunks); keep it equal to the server's "
+        "max_message_bytes (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help="the server's image limit (`kiln info`: maxImageBytes); the send cap follows it (default %(default)s)",
     )
     group.add_argument("--json", action="store_true", help="print events/answers to stdout as JSON lines")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")

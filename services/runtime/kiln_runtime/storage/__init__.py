@@ -1,5 +1,6 @@
 """Artifact storage: where job outputs are written and how clients reach them."""
 
+from kiln_runtime.storage.backends import open_store
 from kiln_runtime.storage.base import (
     ArtifactNotFound,
     ArtifactStore,
@@ -19,6 +20,7 @@ __all__ = [
     "LocalArtifactStore",
     "StoredArtifact",
     "new_job_id",
+    "open_store",
     "validate_artifact_id",
     "validate_artifact_name",
     "validate_job_id",

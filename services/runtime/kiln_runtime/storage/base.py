@@ -6,12 +6,14 @@ allow-lists: anything not matching them is refused before it reaches a filesyste
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # Crockford base32: no I, L, O, U, so ids survive being read aloud or retyped.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -80,6 +82,52 @@ class StoredArtifact:
     created_at: float  # unix seconds
     metadata: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def describe(
+        cls, artifact_id: str, data: bytes, *, media_type: str, uri: str, metadata: Mapping[str, str] | None = None
+    ) -> StoredArtifact:
+        """A new artifact's description, computed from its bytes (`artifact_id` already validated)."""
+        job_id, name = artifact_id.split("/")
+        return cls(
+            id=artifact_id,
+            job_id=job_id,
+            name=name,
+            media_type=media_type,
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            uri=uri,
+            created_at=time.time(),
+            metadata=dict(metadata or {}),
+        )
+
+    def commit_record(self) -> bytes:
+        """The metadata every backend writes last, as the marker that the artifact is complete."""
+        record = {
+            "id": self.id,
+            "media_type": self.media_type,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "created_at": self.created_at,
+            "metadata": self.metadata,
+        }
+        return json.dumps(record, sort_keys=True).encode()
+
+    @classmethod
+    def from_record(cls, artifact_id: str, record: Mapping[str, Any], *, uri: str) -> StoredArtifact:
+        """The description of a committed artifact, read back from its `commit_record`."""
+        job_id, name = artifact_id.split("/")
+        return cls(
+            id=artifact_id,
+            job_id=job_id,
+            name=name,
+            media_type=str(record["media_type"]),
+            size_bytes=int(record["size_bytes"]),
+            sha256=str(record["sha256"]),
+            uri=uri,
+            created_at=float(record["created_at"]),
+            metadata={str(k): str(v) for k, v in record["metadata"].items()},
+        )
+
 
 @runtime_checkable
 class ArtifactStore(Protocol):
@@ -97,6 +145,14 @@ class ArtifactStore(Protocol):
 
     def read(self, artifact_id: str) -> bytes:
         """The artifact's bytes; raises ArtifactNotFound if there is none."""
+        ...
+
+    def chunks(self, artifact_id: str, *, chunk_bytes: int, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """The bytes `[start, stop)` of a committed artifact in pieces of at most `chunk_bytes`.
+
+        For streaming large artifacts without holding them whole. `stop` None means the end;
+        raises ArtifactNotFound (at the first `next`) if there is no such artifact.
+        """
         ...
 
     def delete_job(self, job_id: str) -> None:

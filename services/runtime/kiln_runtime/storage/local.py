@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +48,11 @@ class LocalArtifactStore:
         artifact_id = f"{validate_job_id(job_id)}/{validate_artifact_name(name)}"
         data_path, meta_path = self._paths(job_id, name)
         data_path.parent.mkdir(parents=True, exist_ok=True)
-        artifact = StoredArtifact(
-            id=artifact_id,
-            job_id=job_id,
-            name=name,
-            media_type=media_type,
-            size_bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            uri=self.uri_for(artifact_id),
-            created_at=time.time(),
-            metadata=dict(metadata or {}),
+        artifact = StoredArtifact.describe(
+            artifact_id, data, media_type=media_type, uri=self.uri_for(artifact_id), metadata=metadata
         )
-        meta = {
-            "id": artifact.id,
-            "media_type": artifact.media_type,
-            "size_bytes": artifact.size_bytes,
-            "sha256": artifact.sha256,
-            "created_at": artifact.created_at,
-            "metadata": artifact.metadata,
-        }
         _write_atomically(data_path, data)
-        _write_atomically(meta_path, json.dumps(meta, sort_keys=True).encode())
+        _write_atomically(meta_path, artifact.commit_record())
         # Without this the renames may not survive a power cut even though the data would.
         _fsync_dir(data_path.parent)
         return artifact
@@ -77,17 +60,7 @@ class LocalArtifactStore:
     def get(self, artifact_id: str) -> StoredArtifact:
         job_id, name = validate_artifact_id(artifact_id)
         _, meta = self._committed(job_id, name)
-        return StoredArtifact(
-            id=artifact_id,
-            job_id=job_id,
-            name=name,
-            media_type=str(meta["media_type"]),
-            size_bytes=int(meta["size_bytes"]),
-            sha256=str(meta["sha256"]),
-            uri=self.uri_for(artifact_id),
-            created_at=float(meta["created_at"]),
-            metadata={str(k): str(v) for k, v in meta["metadata"].items()},
-        )
+        return StoredArtifact.from_record(artifact_id, meta, uri=self.uri_for(artifact_id))
 
     def read(self, artifact_id: str) -> bytes:
         job_id, name = validate_artifact_id(artifact_id)
@@ -96,6 +69,27 @@ class LocalArtifactStore:
             return data_path.read_bytes()
         except FileNotFoundError:  # deleted between the check and the read
             raise ArtifactNotFound(artifact_id) from None
+
+    def chunks(self, artifact_id: str, *, chunk_bytes: int, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        if chunk_bytes <= 0 or start < 0 or (stop is not None and stop < start):
+            raise ValueError(f"bad range: chunk_bytes={chunk_bytes}, start={start}, stop={stop}")
+        job_id, name = validate_artifact_id(artifact_id)
+        data_path, _ = self._committed(job_id, name)
+        try:
+            file = data_path.open("rb")
+        except FileNotFoundError:  # deleted between the check and the open
+            raise ArtifactNotFound(artifact_id) from None
+        # The open file keeps its bytes readable even if cleanup removes it meanwhile.
+        with file:
+            file.seek(start)
+            remaining = None if stop is None else stop - start
+            while remaining is None or remaining > 0:
+                piece = file.read(chunk_bytes if remaining is None else min(chunk_bytes, remaining))
+                if not piece:
+                    return
+                if remaining is not None:
+                    remaining -= len(piece)
+                yield piece
 
     def delete_job(self, job_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -26,7 +26,7 @@ from typing import Any, cast
 import grpc
 from grpc_status import rpc_status
 
-from kiln_runtime.errors import InternalError, KilnError
+from kiln_runtime.errors import RETRIABLE_HEADER, InternalError, KilnError
 from kiln_runtime.telemetry.logging import request_id_var, rpc_var
 from kiln_runtime.telemetry.metrics import ServiceMetrics
 
@@ -172,7 +172,10 @@ class ErrorInterceptor(_WrappingInterceptor):
             err = InternalError(request_id or "unknown")
         status = rpc_status.to_status(err.to_status(self.domain))
         # abort replaces the trailing metadata, so the request id set earlier goes in again.
-        extra = ((REQUEST_ID_HEADER, request_id),) if request_id else ()
+        extra: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id),) if request_id else ()
+        if err.retriable:
+            extra = (*extra, (RETRIABLE_HEADER, "true"))
+        extra = (*extra, *err.trailers())
         await context.abort(status.code, status.details, trailing_metadata=(*status.trailing_metadata, *extra))
 
     def wrap_unary(self, behavior: UnaryBehavior, method: str, details: grpc.HandlerCallDetails) -> UnaryBehavior:

@@ -60,6 +60,14 @@ class ServiceMetrics:
         model_loads: `kiln_model_loads_total{service,result}`: model loads, `result` "ok" or "failed".
         model_unloads: `kiln_model_unloads_total{service}`, bound: idle unloads (keep_alive).
         model_loaded: `kiln_model_loaded{service}`, bound: 1 while the weights are in memory, else 0.
+        storage_used: `kiln_storage_used_bytes{service}`, bound: bytes the local artifact folder holds
+            (recounted every `storage.usage_interval_s`, plus this server's writes since).
+        storage_free: `kiln_storage_free_bytes{service}`, bound: free bytes on the artifact folder's
+            filesystem, read at scrape time.
+        storage_full: `kiln_storage_full_total{service,when}`: jobs refused for storage (STORAGE_FULL),
+            `when` "admission" (before running) or "write" (the disk filled while storing).
+        cleanups: `kiln_storage_cleanups_total{service}`, bound: retention sweeps run.
+        cleanup_removed: `kiln_storage_cleanup_removed_jobs_total{service}`, bound: job folders they removed.
     """
 
     def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
@@ -127,6 +135,36 @@ class ServiceMetrics:
             ["service"],
             registry=self.registry,
         ).labels(service=service)
+        self.storage_used = Gauge(
+            "kiln_storage_used_bytes",
+            "Bytes the local artifact folder holds (recounted periodically, plus this server's writes since).",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+        self.storage_free = Gauge(
+            "kiln_storage_free_bytes",
+            "Free bytes on the filesystem of the local artifact folder.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+        self.storage_full = Counter(
+            "kiln_storage_full",
+            "Jobs refused because artifact storage had no room (STORAGE_FULL), by when: admission or write.",
+            ["service", "when"],
+            registry=self.registry,
+        )
+        self.cleanups = Counter(
+            "kiln_storage_cleanups",
+            "Retention sweeps of the artifact storage run.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+        self.cleanup_removed = Counter(
+            "kiln_storage_cleanup_removed_jobs",
+            "Job folders the retention sweeps removed.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Record one finished call: count it under its status code and observe its duration.
@@ -155,6 +193,14 @@ class ServiceMetrics:
             ok: Whether the load (and its warm-up) succeeded.
         """
         self.model_loads.labels(service=self.service, result="ok" if ok else "failed").inc()
+
+    def count_storage_full(self, *, when: str) -> None:
+        """Count one job refused for storage.
+
+        Args:
+            when: "admission" (refused before it ran) or "write" (the disk filled while storing).
+        """
+        self.storage_full.labels(service=self.service, when=when).inc()
 
     def in_progress_for(self, method: str) -> Gauge:
         """The in-progress gauge bound to this service and `method` (for `inc()`/`dec()`)."""

@@ -12,3 +12,13 @@ class GetArtifactRequest(_message.Message):
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     artifact_id: str
     def __init__(self, artifact_id: _Optional[str] = ...) -> None: ...
+
+class DownloadArtifactRequest(_message.Message):
+    __slots__ = ("artifact_id", "offset", "length")
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    artifact_id: str
+    offset: int
+    length: int
+    def __init__(self, artifact_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...

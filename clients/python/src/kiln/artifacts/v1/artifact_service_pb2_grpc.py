@@ -43,6 +43,11 @@ class ArtifactProviderStub:
                 request_serializer=kiln_dot_artifacts_dot_v1_dot_artifact__service__pb2.GetArtifactRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.DownloadArtifact = channel.unary_stream(
+                '/kiln.artifacts.v1.ArtifactProvider/DownloadArtifact',
+                request_serializer=kiln_dot_artifacts_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class ArtifactProviderServicer:
@@ -52,11 +57,25 @@ class ArtifactProviderServicer:
     """
 
     def GetArtifact(self, request, context):
-        """Returns the artifact's bytes with its media type. Over JSON/HTTP it is a
-        plain download: `GET /v1/artifacts/<job id>/<file name>`. NOT_FOUND when
-        the artifact does not exist (or was cleaned up); INVALID_ARGUMENT for an
-        id that is not of the form `<job id>/<file name>`; RESOURCE_EXHAUSTED when
-        it is larger than one message may be (ask for chunked delivery instead).
+        """Returns the artifact's bytes with its media type in one message (gRPC
+        only; the HTTP download is DownloadArtifact). NOT_FOUND when the artifact
+        does not exist (or was cleaned up); INVALID_ARGUMENT for an id that is not
+        of the form `<job id>/<file name>`; RESOURCE_EXHAUSTED when it is larger
+        than one message may be (use DownloadArtifact instead).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadArtifact(self, request, context):
+        """Streams the artifact's bytes, any size, in pieces below the message cap:
+        the first message carries the media type, every message some bytes, in
+        order. Over JSON/HTTP it is a plain download, `GET /v1/artifacts/<job
+        id>/<file name>`, with Content-Length and the media type (the server
+        sends the length as initial metadata `x-kiln-content-length`), and an
+        HTTP `Range: bytes=...` header (one range) selects part of it (206 with
+        Content-Range). Errors as for GetArtifact; OUT_OF_RANGE (HTTP 416) for a
+        range or offset that starts past the end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,6 +87,11 @@ def add_ArtifactProviderServicer_to_server(servicer, server):
             'GetArtifact': grpc.unary_unary_rpc_method_handler(
                     servicer.GetArtifact,
                     request_deserializer=kiln_dot_artifacts_dot_v1_dot_artifact__service__pb2.GetArtifactRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadArtifact,
+                    request_deserializer=kiln_dot_artifacts_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
@@ -100,6 +124,33 @@ class ArtifactProvider:
             target,
             '/kiln.artifacts.v1.ArtifactProvider/GetArtifact',
             kiln_dot_artifacts_dot_v1_dot_artifact__service__pb2.GetArtifactRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kiln.artifacts.v1.ArtifactProvider/DownloadArtifact',
+            kiln_dot_artifacts_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,

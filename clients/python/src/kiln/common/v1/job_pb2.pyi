@@ -52,6 +52,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_ARTIFACT_TOO_LARGE: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
+    ERROR_REASON_STORAGE_FULL: _ClassVar[ErrorReason]
+    ERROR_REASON_STORAGE_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_RANGE_NOT_SATISFIABLE: _ClassVar[ErrorReason]
 STAGE_UNSPECIFIED: Stage
 STAGE_PREPROCESS: Stage
 STAGE_DENOISE: Stage
@@ -85,6 +89,10 @@ ERROR_REASON_VENDOR_QUOTA: ErrorReason
 ERROR_REASON_ARTIFACT_TOO_LARGE: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason
+ERROR_REASON_STORAGE_FULL: ErrorReason
+ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason
+ERROR_REASON_NOT_FOUND: ErrorReason
+ERROR_REASON_RANGE_NOT_SATISFIABLE: ErrorReason
 
 class Accepted(_message.Message):
     __slots__ = ("job_id", "queue_position")

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kiln/artifacts/v1/artifact_service.proto.
  */
 export const file_kiln_artifacts_v1_artifact_service: GenFile = /*@__PURE__*/
-  fileDesc("CihraWxuL2FydGlmYWN0cy92MS9hcnRpZmFjdF9zZXJ2aWNlLnByb3RvEhFraWxuLmFydGlmYWN0cy52MSIvChJHZXRBcnRpZmFjdFJlcXVlc3QSGQoLYXJ0aWZhY3RfaWQYASABKAlCBOJBAQIyhgEKEEFydGlmYWN0UHJvdmlkZXIScgoLR2V0QXJ0aWZhY3QSJS5raWxuLmFydGlmYWN0cy52MS5HZXRBcnRpZmFjdFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IiaC0+STAiASHi92MS9hcnRpZmFjdHMve2FydGlmYWN0X2lkPSoqfWIGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_api_httpbody]);
+  fileDesc("CihraWxuL2FydGlmYWN0cy92MS9hcnRpZmFjdF9zZXJ2aWNlLnByb3RvEhFraWxuLmFydGlmYWN0cy52MSIvChJHZXRBcnRpZmFjdFJlcXVlc3QSGQoLYXJ0aWZhY3RfaWQYASABKAlCBOJBAQIiYAoXRG93bmxvYWRBcnRpZmFjdFJlcXVlc3QSGQoLYXJ0aWZhY3RfaWQYASABKAlCBOJBAQISFAoGb2Zmc2V0GAIgASgDQgTiQQEBEhQKBmxlbmd0aBgDIAEoA0IE4kEBATLeAQoQQXJ0aWZhY3RQcm92aWRlchJKCgtHZXRBcnRpZmFjdBIlLmtpbG4uYXJ0aWZhY3RzLnYxLkdldEFydGlmYWN0UmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkSfgoQRG93bmxvYWRBcnRpZmFjdBIqLmtpbG4uYXJ0aWZhY3RzLnYxLkRvd25sb2FkQXJ0aWZhY3RSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSImgtPkkwIgEh4vdjEvYXJ0aWZhY3RzL3thcnRpZmFjdF9pZD0qKn0wAWIGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_api_httpbody]);
 
 /**
  * Names one artifact.
@@ -39,6 +39,42 @@ export const GetArtifactRequestSchema: GenMessage<GetArtifactRequest> = /*@__PUR
   messageDesc(file_kiln_artifacts_v1_artifact_service, 0);
 
 /**
+ * Names one artifact and, optionally, the part of it to send.
+ * Next free field: 4
+ *
+ * @generated from message kiln.artifacts.v1.DownloadArtifactRequest
+ */
+export type DownloadArtifactRequest = Message<"kiln.artifacts.v1.DownloadArtifactRequest"> & {
+  /**
+   * Required. The `Artifact.id` from a result: `<job id>/<file name>`.
+   *
+   * @generated from field: string artifact_id = 1;
+   */
+  artifactId: string;
+
+  /**
+   * Optional. The first byte to send (0: the start); resumes a download.
+   *
+   * @generated from field: int64 offset = 2;
+   */
+  offset: bigint;
+
+  /**
+   * Optional. How many bytes to send at most (0: up to the end).
+   *
+   * @generated from field: int64 length = 3;
+   */
+  length: bigint;
+};
+
+/**
+ * Describes the message kiln.artifacts.v1.DownloadArtifactRequest.
+ * Use `create(DownloadArtifactRequestSchema)` to create a new message.
+ */
+export const DownloadArtifactRequestSchema: GenMessage<DownloadArtifactRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_artifacts_v1_artifact_service, 1);
+
+/**
  * Serves stored artifacts (images, meshes) by id, so that a result's `uri`
  * can point at the gateway. Every model server hosts it over its own storage;
  * servers that share a storage folder can serve each other's artifacts.
@@ -47,17 +83,34 @@ export const GetArtifactRequestSchema: GenMessage<GetArtifactRequest> = /*@__PUR
  */
 export const ArtifactProvider: GenService<{
   /**
-   * Returns the artifact's bytes with its media type. Over JSON/HTTP it is a
-   * plain download: `GET /v1/artifacts/<job id>/<file name>`. NOT_FOUND when
-   * the artifact does not exist (or was cleaned up); INVALID_ARGUMENT for an
-   * id that is not of the form `<job id>/<file name>`; RESOURCE_EXHAUSTED when
-   * it is larger than one message may be (ask for chunked delivery instead).
+   * Returns the artifact's bytes with its media type in one message (gRPC
+   * only; the HTTP download is DownloadArtifact). NOT_FOUND when the artifact
+   * does not exist (or was cleaned up); INVALID_ARGUMENT for an id that is not
+   * of the form `<job id>/<file name>`; RESOURCE_EXHAUSTED when it is larger
+   * than one message may be (use DownloadArtifact instead).
    *
    * @generated from rpc kiln.artifacts.v1.ArtifactProvider.GetArtifact
    */
   getArtifact: {
     methodKind: "unary";
     input: typeof GetArtifactRequestSchema;
+    output: typeof HttpBodySchema;
+  },
+  /**
+   * Streams the artifact's bytes, any size, in pieces below the message cap:
+   * the first message carries the media type, every message some bytes, in
+   * order. Over JSON/HTTP it is a plain download, `GET /v1/artifacts/<job
+   * id>/<file name>`, with Content-Length and the media type (the server
+   * sends the length as initial metadata `x-kiln-content-length`), and an
+   * HTTP `Range: bytes=...` header (one range) selects part of it (206 with
+   * Content-Range). Errors as for GetArtifact; OUT_OF_RANGE (HTTP 416) for a
+   * range or offset that starts past the end.
+   *
+   * @generated from rpc kiln.artifacts.v1.ArtifactProvider.DownloadArtifact
+   */
+  downloadArtifact: {
+    methodKind: "server_streaming";
+    input: typeof DownloadArtifactRequestSchema;
     output: typeof HttpBodySchema;
   },
 }> = /*@__PURE__*/
