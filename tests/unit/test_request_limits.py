@@ -28,6 +28,7 @@ from kiln_client.limits import (
 )
 from kiln_runtime import errors as server_errors
 from kiln_runtime.settings import LimitsSettings
+from tests.unit.test_error_reasons import ERRORS
 
 MiB = 1 << 20
 ARCHITECTURE = Path(__file__).resolve().parents[2] / "ARCHITECTURE.md"
@@ -149,17 +150,9 @@ def decision_table() -> list[dict[str, str]]:
 
 def test_the_table_covers_every_refusal_reason() -> None:
     reasons = {row["ErrorInfo reason"] for row in decision_table()}
-    for name, value in vars(server_errors).items():
-        if (
-            inspect.isclass(value)
-            and issubclass(value, server_errors.KilnError)
-            and value.code
-            in (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                grpc.StatusCode.UNAVAILABLE,
-            )
-        ):
-            assert value.reason in reasons, f"{name} ({value.reason}) is missing from the Retries table"
+    for error in ERRORS:
+        if error.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+            assert error.reason in reasons, f"{error.__name__} ({error.reason}) is missing from the Retries table"
 
 
 @pytest.mark.parametrize("row", decision_table(), ids=lambda row: f"{row['status']}/{row['ErrorInfo reason']}")
@@ -176,11 +169,7 @@ def test_the_code_follows_the_table(row: dict[str, str]) -> None:
     code = grpc.StatusCode[status]
     assert retriable(ClientError("x", code=code, reason=reason)) is (row["Python client"] == "yes")
     assert row["page"] == "no"  # the page retries only when a person presses Retry
-    server_classes = [
-        value
-        for value in vars(server_errors).values()
-        if inspect.isclass(value) and issubclass(value, server_errors.KilnError) and value.reason == reason
-    ]
+    server_classes = [error for error in ERRORS if error.reason == reason]
     if reason:  # refused by a Kiln server: Envoy retries exactly what the server marks
         assert server_classes, f"no server error with reason {reason}"
         for cls in server_classes:

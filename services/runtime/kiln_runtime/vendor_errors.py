@@ -99,7 +99,10 @@ class VendorQuota(Overloaded):
 
     A subclass of `Overloaded` so that it is RESOURCE_EXHAUSTED with `RetryInfo` exactly as
     Kiln's own capacity refusals, only with reason VENDOR_QUOTA: clients that back off on
-    CAPACITY back off here too, and the reason tells an operator where the limit is.
+    CAPACITY back off here too, and the reason tells an operator where the limit is. Unlike
+    CAPACITY it is not marked retriable: every replica calls the vendor with the same key, so
+    Envoy's retry on another replica would only spend more of the same quota.
     """
 
     reason = "VENDOR_QUOTA"
+    retriable = False
