@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kiln.common.v1 import job_pb2
+from kiln.common.v1 import job_pb2, service_info_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as pb
 from kiln.img2img.v1 import img2img_service_pb2_grpc as pb_grpc
 from kiln_img2img import SERVICE_NAME
@@ -114,11 +114,16 @@ async def test_a_failed_reload_is_a_clear_job_error(
     check = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     assert sample(server, "kiln_model_loads_total", result="failed") == 1
+    info = await stub.GetInfo(pb.GetInfoRequest())
+    assert info.model.readiness == service_info_pb2.READINESS_READY
+    assert info.model.readiness_reason.startswith("the last load of the model failed: ")
+    assert "KILN_IMG2IMG__MODEL__ID" in info.model.readiness_reason
 
     (tmp_path / "moved").rename(folder)
     events = await events_of(stub.Generate(request()))
     assert events[-1].WhichOneof("event") == "result"
     assert sample(server, "kiln_model_loads_total", result="ok") == 2
+    assert (await stub.GetInfo(pb.GetInfoRequest())).model.readiness_reason == ""
 
 
 async def test_sighup_reload_while_unloaded(

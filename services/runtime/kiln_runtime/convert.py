@@ -180,9 +180,7 @@ def model_info(manager: ModelManager, *, storage_refusal: KilnError | None = Non
         device=description.device,
         dtype=description.dtype,
         readiness=_READINESS[manager.readiness],
-        # The model's own reason first; a full storage keeps it READY (downloads and GetInfo still work,
-        # and health stays SERVING) but says why new jobs are refused.
-        readiness_reason=manager.reason or (storage_refusal.message if storage_refusal is not None else ""),
+        readiness_reason=_readiness_reason(manager, storage_refusal),
         library_versions=description.library_versions,
         loaded=manager.loaded,
     )
@@ -195,6 +193,22 @@ def model_info(manager: ModelManager, *, storage_refusal: KilnError | None = Non
     if manager.keep_alive is not None:  # absent: the model stays loaded
         info.keep_alive.CopyFrom(duration(manager.keep_alive))
     return info
+
+
+def _readiness_reason(manager: ModelManager, storage_refusal: KilnError | None) -> str:
+    """GetInfo's `readiness_reason`: the model's own reason first.
+
+    A full storage and a failed on-demand load keep the server READY (downloads and GetInfo
+    still work, health stays SERVING, the next job may succeed) but say why new jobs are
+    refused or failing.
+    """
+    if manager.reason:
+        return manager.reason
+    if storage_refusal is not None:
+        return storage_refusal.message
+    if manager.last_load_error is not None:
+        return f"the last load of the model failed: {manager.last_load_error} (the next job tries again)"
+    return ""
 
 
 def server_limits(

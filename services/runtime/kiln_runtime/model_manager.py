@@ -111,6 +111,9 @@ class ModelManager:
         self.reason = "the model is loading"
         self.last_load_s: float | None = None
         self.last_loaded_at: float | None = None  # time.time() when the last load finished
+        # Why the last on-demand load failed, until a load succeeds: GetInfo shows it while the
+        # server stays READY (the next job tries again), so an operator need not read the log.
+        self.last_load_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._unload_task: asyncio.Task[None] | None = None
@@ -318,6 +321,7 @@ class ModelManager:
                 if on_demand:
                     # The server stays SERVING: the failure may pass (memory taken by another
                     # program, a file being copied), and the next job tries again.
+                    self.last_load_error = cause
                     log.error("loading the model for a job failed: %s", cause, exc_info=True)
                     raise ModelNotReady(
                         f"the model could not be loaded: {cause} (the next request tries again; "
@@ -345,6 +349,7 @@ class ModelManager:
 
     def _record_load(self, seconds: float) -> None:
         self.state = ModelState.LOADED
+        self.last_load_error = None
         self.last_load_s = seconds
         self.last_loaded_at = time.time()
         self._metrics.model_load.set(seconds)

@@ -65,7 +65,9 @@ export type ModelInfo = Message<"kiln.common.v1.ModelInfo"> & {
   readiness: Readiness;
 
   /**
-   * Optional. Why the server is not ready, in words a person can act on.
+   * Optional. Why the server is not ready, or, while READY, why new jobs are
+   * refused or failing (storage full, the last on-demand model load failed),
+   * in words a person can act on.
    *
    * @generated from field: string readiness_reason = 7;
    */
