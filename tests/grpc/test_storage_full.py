@@ -252,5 +252,9 @@ async def test_the_python_client_surfaces_storage_full_and_does_not_retry_it(sta
             await client.generate_image(png_bytes(), prompt="a fox", retries=3)
     assert caught.value.reason == "STORAGE_FULL" and caught.value.retry_delay_s is None
     assert "KILN_STORAGE__MIN_FREE_BYTES" in caught.value.message
-    # One request reached the server: retrying cannot make room, so the client did not.
-    assert sample(server, "kiln_requests_total", method="Generate", code="RESOURCE_EXHAUSTED") == 1
+    # One request reached the server: retrying cannot make room, so the client did not. The
+    # interceptor counts a call after its status has gone out, so wait for the count to settle.
+    refused = {"method": "Generate", "code": "RESOURCE_EXHAUSTED"}
+    await wait_for(lambda: sample(server, "kiln_requests_total", **refused) >= 1)
+    await asyncio.sleep(0.2)
+    assert sample(server, "kiln_requests_total", **refused) == 1
