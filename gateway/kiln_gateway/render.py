@@ -2,8 +2,7 @@
 
 The config is built as plain Python dicts and dumped with `yaml.safe_dump`: no template
 escaping, lists of replicas and origins are ordinary loops, and every value comes from the
-settings. It follows the recipe in /work/shared/notes/envoy_gateway.md §3.3; the "Pn" in
-comments are the pitfalls of §5 that the setting exists for.
+settings. Comments tagged "Pn" say in words the Envoy pitfall a setting exists for.
 
 One listener serves native gRPC (h2c), gRPC-Web and JSON (HTTP/1.1 or h2) through the filter
 chain health_check → CORS → grpc_web → grpc_json_transcoder → router; one cluster per model service.

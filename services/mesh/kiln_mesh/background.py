@@ -1,6 +1,6 @@
 """Background removal with rembg, built once at load time and never downloading when offline.
 
-rembg has traps for a server (/work/shared/notes/diffusers_offline.md section 7):
+rembg has traps for a server:
 `rembg.remove()` without `session=` and `new_session()` without a name both mean
 `bria-rmbg`, which rembg downloads from GitHub; a missing model file is fetched by pooch;
 `u2net_custom` refuses a `model_path` outside rembg's home; and without `providers=` rembg

@@ -1,7 +1,7 @@
 """TripoSR input preprocessing: background removal decision, foreground re-framing, grey fill.
 
-These are pure functions over PIL images that reproduce the reference `run.py` bit for bit
-(docs: /work/shared/notes/triposr_spec.md section 3.1), so a mesh made here matches one the
+These are pure functions over PIL images that reproduce the reference `run.py` bit for bit,
+so a mesh made here matches one the
 reference makes from the same file. The background remover itself is injected as a callable
 (`kiln_mesh.background.BackgroundRemover` in the server, a spy in tests), so this module
 never imports rembg.

@@ -4,7 +4,7 @@ The real u2net.onnx is 176 MB and rembg downloads it from GitHub; tests and offl
 runs use this ~1 KB model instead, with the same signature (input "input.1" float32
 [1, 3, 320, 320] -> outputs d0..d6 float32 [1, 1, 320, 320]). rembg reads only `d0` and
 min-max normalises it, so the output must depend on the input (a constant output divides
-by zero and gives a NaN mask; /work/shared/notes/diffusers_offline.md section 7). Here a 1x1
+by zero and gives a NaN mask). Here a 1x1
 convolution averages the normalised RGB with a large gain, then a sigmoid: bright pixels get
 alpha near 255 and dark ones near 0, so "a bright object on a dark background" segments.
 """

@@ -2,7 +2,7 @@
 
 `load_triposr(folder)` reads a published-layout folder (`config.yaml` + `model.ckpt` or
 `model.safetensors`) and returns a `TripoSR` whose `preprocess` -> `encode` -> `query` /
-`query_density` follow the reference implementation (see the spec in shared/notes/triposr_spec.md).
+`query_density` follow the reference implementation.
 """
 
 from kiln_mesh.triposr.checkpoint import CKPT_FILE, SAFETENSORS_FILE, CheckpointMismatch, load_triposr
