@@ -138,6 +138,7 @@ bench: setup ## Run the benchmarks (ratios against in-process baselines)
 	$(PY) benchmarks/cold_start.py
 	$(PY) benchmarks/refused_upload_cpu.py
 	$(PY) benchmarks/artifact_io.py
+	$(PY) benchmarks/jobs.py
 
 up: setup ## Start the stack in the foreground (Ctrl-C stops it); see README
 	$(PY) deploy/local_stack.py up

@@ -8,6 +8,7 @@ from typing import Any
 
 from PIL import Image
 
+from kiln.img2img.v1 import img2img_service_pb2 as img2img
 from kiln_img2img.config import DiffusersSettings, GeminiSettings, Img2ImgProviderSettings, Img2ImgSettings
 from kiln_mesh.config import (
     MeshProviderSettings,
@@ -18,6 +19,7 @@ from kiln_mesh.config import (
 )
 from kiln_runtime.settings import (
     FakeProviderSettings,
+    JobsSettings,
     ModelSettings,
     RuntimeSettings,
     ServerSettings,
@@ -29,6 +31,18 @@ def png_bytes(size: tuple[int, int] = (96, 64), mode: str = "RGB", color: Any = 
     buffer = io.BytesIO()
     Image.new(mode, size, color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def img2img_request(**fields: Any) -> img2img.GenerateRequest:
+    """A small valid img2img request; `fields` override or add to it."""
+    base: dict[str, Any] = {
+        "image": png_bytes(),
+        "prompt": "a red fox in snow",
+        "seed": 7,
+        "scheduler": img2img.SCHEDULER_EULER,
+        "output_format": img2img.IMAGE_FORMAT_PNG,
+    }
+    return img2img.GenerateRequest(**{**base, **fields})
 
 
 def _server(kind: type[ServerSettings] = ServerSettings, **server: Any) -> ServerSettings:
@@ -46,6 +60,7 @@ def img2img_settings(
     runtime: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     storage: dict[str, Any] | None = None,
+    jobs: dict[str, Any] | None = None,
     offline: bool = True,
 ) -> Img2ImgSettings:
     section = Img2ImgProviderSettings(
@@ -55,6 +70,7 @@ def img2img_settings(
         gemini=GeminiSettings(**(gemini or {})),
         server=_server(**(server or {})),
         runtime=RuntimeSettings(**(runtime or {})),
+        jobs=JobsSettings(**(jobs or {})),
         fake=FakeProviderSettings(**{"step_delay_s": 0.0, **(fake or {})}),
     )
     return Img2ImgSettings(
@@ -76,6 +92,7 @@ def mesh_settings(
     runtime: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     storage: dict[str, Any] | None = None,
+    jobs: dict[str, Any] | None = None,
     offline: bool = True,
 ) -> MeshSettings:
     section = MeshProviderSettings(
@@ -85,6 +102,7 @@ def mesh_settings(
         stable_fast_3d=StableFast3DSettings(**(stable_fast_3d or {})),
         server=_server(MeshServerSettings, **(server or {})),
         runtime=RuntimeSettings(**(runtime or {})),
+        jobs=JobsSettings(**(jobs or {})),
         fake=FakeProviderSettings(**{"step_delay_s": 0.0, **(fake or {})}),
     )
     return MeshSettings(

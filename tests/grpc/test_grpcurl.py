@@ -45,7 +45,8 @@ async def test_reflection_lists_both_services(start_server: StartServer) -> None
     for services in (img2img_services, mesh_services):
         assert "grpc.health.v1.Health" in services
     methods = (await grpcurl(f"127.0.0.1:{img2img_server.port}", "list", "kiln.img2img.v1.Img2ImgProvider")).split()
-    assert methods == ["kiln.img2img.v1.Img2ImgProvider.Generate", "kiln.img2img.v1.Img2ImgProvider.GetInfo"]
+    names = ["CancelJob", "Generate", "GetInfo", "GetJob", "ListJobs", "WatchJob"]
+    assert sorted(methods) == [f"kiln.img2img.v1.Img2ImgProvider.{name}" for name in names]
     described = await grpcurl(f"127.0.0.1:{mesh_server.port}", "describe", "kiln.mesh.v1.GenerateRequest")
     assert "mc_resolution" in described and "MeshFormat output_format" in described
 

@@ -7,12 +7,14 @@ is used on purpose: the caps derived from it (kiln_client.limits) are what these
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from kiln.common.v1 import job_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as img2img
 from kiln.img2img.v1 import img2img_service_pb2_grpc as img2img_grpc
 from kiln_client import Img2ImgClient, InvalidArgumentError
@@ -26,9 +28,14 @@ from tests.servers import StartServer
 LIMIT = DEFAULT_MAX_IMAGE_BYTES
 
 
-def request(image: bytes) -> img2img.GenerateRequest:
+def request(image: bytes, **fields: Any) -> img2img.GenerateRequest:
     return img2img.GenerateRequest(
-        image=image, prompt="a fox", seed=1, scheduler=img2img.SCHEDULER_EULER, output_format=img2img.IMAGE_FORMAT_PNG
+        image=image,
+        prompt="a fox",
+        seed=1,
+        scheduler=img2img.SCHEDULER_EULER,
+        output_format=img2img.IMAGE_FORMAT_PNG,
+        **fields,
     )
 
 
@@ -130,7 +137,9 @@ async def test_the_client_refuses_what_it_cannot_send_by_field(start_server: Sta
 
 
 async def hold_the_only_slot(server: KilnServer, channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
-    call = img2img_grpc.Img2ImgProviderStub(channel).Generate(request(photo_jpeg(2 * MiB)))
+    call = img2img_grpc.Img2ImgProviderStub(channel).Generate(
+        request(photo_jpeg(2 * MiB), on_disconnect=job_pb2.DISCONNECT_POLICY_CANCEL)
+    )
     assert (await call.read()).WhichOneof("event") == "accepted"  # type: ignore[union-attr]
     assert server.runtime.admission.running == 1
     return call

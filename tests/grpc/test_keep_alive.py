@@ -156,7 +156,7 @@ async def test_a_client_leaving_during_the_load_does_not_stop_it(start_server: S
         runtime={"load_on_startup": False, "max_concurrency": 2}, fake={"load_delay_s": 0.6, "steps": 2}
     )
     stub = img2img_grpc.Img2ImgProviderStub(channel)
-    leaving = stub.Generate(img2img_request())
+    leaving = stub.Generate(img2img_request(on_disconnect=job_pb2.DISCONNECT_POLICY_CANCEL))
     while (event := await leaving.read()).WhichOneof("event") != "progress":
         pass
     assert event.progress.stage == LOAD

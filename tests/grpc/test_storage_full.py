@@ -195,10 +195,10 @@ async def test_disk_full_mid_write_fails_that_job_alone(small_disk: Path, start_
     assert error.code == code_pb2.RESOURCE_EXHAUSTED and "ran out of storage space" in error.message
     assert assert_storage_full(failed.value, limit="disk") == error.message
     big_job = big_events[0].accepted.job_id
-    # Nothing of it is visible, not even a temp file; the job sent after it still ran and stored.
+    # Nothing of it is visible, not even a temp file; only its job record (GetJob) says why it failed.
     with pytest.raises(ArtifactNotFound):
         store.get(f"{big_job}/image.png")
-    assert big_job not in job_folders(root)
+    assert sorted(path.name for path in (root / big_job).iterdir()) == ["job.json", "job.json.meta.json"]
     assert [p.name for p in root.rglob("*") if p.name.endswith(".tmp")] == []
     assert kinds(small_events)[-1] == "result"
     small_artifact = small_events[-1].result.artifacts[0]

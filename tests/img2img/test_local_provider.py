@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
+from kiln.common.v1 import job_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as pb
 from kiln.img2img.v1 import img2img_service_pb2_grpc as pb_grpc
 from kiln_img2img.preprocess import prepare_image
@@ -186,7 +187,7 @@ async def test_cancel_stops_within_a_step_and_frees_the_slot(
 
     monkeypatch.setattr(RunContext, "report", counting)
     server, stub = await local_server(start_server, str(tiny.diffusers_dir))
-    call = stub.Generate(request(num_inference_steps=60, strength=1.0))
+    call = stub.Generate(request(num_inference_steps=60, strength=1.0, on_disconnect=job_pb2.DISCONNECT_POLICY_CANCEL))
     job_id = (await call.read()).accepted.job_id
     while (await call.read()).WhichOneof("event") != "progress":
         pass

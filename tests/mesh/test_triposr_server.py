@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image, ImageDraw
 
+from kiln.common.v1 import job_pb2
 from kiln.mesh.v1 import mesh_service_pb2 as pb
 from kiln.mesh.v1 import mesh_service_pb2_grpc as pb_grpc
 from kiln_mesh.mesh import NATIVE_TO_Y_UP
@@ -149,7 +150,8 @@ async def test_cancel_between_chunks_frees_the_slot(
 
     monkeypatch.setattr(RunContext, "report", counting)
     server, stub = await mesh_server(start_server, tiny_mesh, triposr={"chunk_size": 512})
-    call = stub.Generate(request(mc_resolution=96))  # 96^3 / 512 = 1728 chunks
+    # 96^3 / 512 = 1728 chunks
+    call = stub.Generate(request(mc_resolution=96, on_disconnect=job_pb2.DISCONNECT_POLICY_CANCEL))
     job_id = (await call.read()).accepted.job_id
     while (event := await call.read()).WhichOneof("event") != "progress" or event.progress.stage != 6:
         pass

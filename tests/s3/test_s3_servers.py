@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.artifacts.v1 import artifact_service_pb2 as artifacts_pb
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as artifacts_grpc
-from kiln.common.v1 import artifact_pb2, service_info_pb2
+from kiln.common.v1 import artifact_pb2, job_pb2, service_info_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as img2img
 from kiln.img2img.v1 import img2img_service_pb2_grpc as img2img_grpc
 from kiln.mesh.v1 import mesh_service_pb2 as mesh
@@ -238,3 +239,30 @@ async def test_an_unreachable_store_is_not_serving_until_it_answers(
         await wait_serving(channel)
     finally:
         await asyncio.to_thread(weed.stop)
+
+
+async def test_a_finished_job_is_readable_from_another_replica_through_the_bucket(
+    seaweed: SeaweedFS, processes: Callable[..., Awaitable[int]]
+) -> None:
+    env = s3_env(seaweed, prefix=f"jobs-{uuid.uuid4().hex[:8]}/")
+    ports = [await processes("kiln_img2img", env), await processes("kiln_img2img", env)]
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as first,
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports[1]}") as second,
+    ):
+        for channel in (first, second):
+            await wait_serving(channel)
+        request = img2img.GenerateRequest(
+            image=png_bytes(),
+            prompt="shared",
+            scheduler=img2img.SCHEDULER_EULER,
+            output_format=img2img.IMAGE_FORMAT_PNG,
+        )
+        events = [event async for event in img2img_grpc.Img2ImgProviderStub(first).Generate(request)]
+        job_id = events[0].accepted.job_id
+        other = img2img_grpc.Img2ImgProviderStub(second)
+        job = (await other.GetJob(img2img.GetJobRequest(job_id=job_id))).job
+        assert job.status.state == job_pb2.JOB_STATE_SUCCEEDED
+        assert job.result.artifacts[0].sha256 == events[-1].result.artifacts[0].sha256
+        listed = await other.ListJobs(img2img.ListJobsRequest())
+        assert [j.status.job_id for j in listed.jobs] == [job_id]

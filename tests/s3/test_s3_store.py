@@ -254,3 +254,14 @@ def test_settings_choose_the_backend() -> None:
     store = open_store(StorageSettings(backend="s3", s3={"bucket": "b", "endpoint_url": "http://127.0.0.1:1"}))
     assert isinstance(store, S3ArtifactStore) and store.prefix == "kiln/"
     store.close()
+
+
+def test_job_ids_lists_each_job_folder_once(make_store: MakeStore) -> None:
+    store = make_store()
+    first, second = new_job_id(), new_job_id()
+    store.put(first, "a.bin", b"1", media_type="x/y")
+    store.put(first, "b.bin", b"2", media_type="x/y")
+    store.put(second, "job.json", b"{}", media_type="application/json")
+    assert sorted(store.job_ids()) == sorted([first, second])
+    store.delete_job(first)
+    assert store.job_ids() == [second]

@@ -181,6 +181,13 @@ function build(code: Code, message: string, details: Details, service: ServiceNa
       if (reason === "SHUTTING_DOWN") {
         return { ...base, title: `The ${server} is shutting down`, hint: "Try again once it is back." };
       }
+      if (reason === "REPLICA_LOST") {
+        return {
+          ...base,
+          title: `The ${server} running this job stopped`,
+          hint: "The job ended with it and nothing was kept. Run it again: another server takes it.",
+        };
+      }
       if (reason === "STORAGE_UNAVAILABLE") {
         return {
           ...base,
@@ -192,6 +199,13 @@ function build(code: Code, message: string, details: Details, service: ServiceNa
         ...base,
         title: `Can't reach the ${server}`,
         hint: `The gateway answered, but the ${service} server behind it did not. Is it running? (\`make up\` starts everything.)`,
+      };
+    case Code.NotFound:
+      // A job or a result past the server's retention period (or one it never had).
+      return {
+        ...base,
+        title: "No longer on the server",
+        hint: `The ${server} keeps jobs and results for a limited time and this one is gone. Run it again.`,
       };
     case Code.DeadlineExceeded:
       return { ...base, title: "The job took too long", hint: "Try fewer steps or a smaller image." };

@@ -1,16 +1,19 @@
-// img2img: generate with progress and previews, the result and its history.
+// img2img: generate with progress and previews, the result and its history; after a reload,
+// the same for a job this browser started (reattached with WatchJob) or its stored result.
 import { clearFieldErrors, hideAlert, showAlert, showFieldError } from "./alerts.js";
-import { img2img } from "./api.js";
+import { CONTROL_TIMEOUT_MS, img2img, jobCallOptions, newClientRequestId } from "./api.js";
 import { $, el, enumNumber, show } from "./dom.js";
 import { describeError, type FieldProblem } from "./errors.js";
+import { FollowedJob, reattach, retryAfter, type FollowOptions } from "./followed.js";
 import { extensionFor, formatBytes, formatSeconds, schedulerLabel, seconds, shortModelName } from "./format.js";
 import { ArtifactDelivery } from "./gen/kiln/common/v1/artifact_pb.js";
-import { Stage } from "./gen/kiln/common/v1/job_pb.js";
+import { DisconnectPolicy, JobState, Stage, type Progress } from "./gen/kiln/common/v1/job_pb.js";
 import { ImageFormatSchema, SchedulerSchema, type Result as Img2ImgResult } from "./gen/kiln/img2img/v1/img2img_service_pb.js";
 import { logEvent } from "./hooks.js";
 import { setInput } from "./input.js";
-import { runJob, StreamError, type ArtifactFile, type JobHandlers } from "./jobs.js";
+import { artifactFiles, jobSeconds, runJob, StreamError, type ArtifactFile, type JobHandlers, type JobSource } from "./jobs.js";
 import { makeMesh } from "./mesh.js";
+import { jobsShownChanged, type JobView } from "./myjobs.js";
 import { announce, etaText, setBar, stepText, waitText } from "./progress.js";
 import { input } from "./state.js";
 
@@ -33,7 +36,7 @@ interface Shown {
   elapsedS: number;
 }
 
-let generation: AbortController | undefined;
+let generation: FollowedJob | undefined;
 let current: Shown | undefined;
 const history: Shown[] = [];
 let previewUrl: string | undefined;
@@ -78,7 +81,11 @@ function readGenerateForm(): { request: Parameters<typeof img2img.generate>[0]; 
     previewEveryNSteps: live ? Number($<HTMLInputElement>("preview-every").value) || 0 : 0,
     // Inline when it fits the server's inline limit, chunks otherwise: never a second download.
     delivery: ArtifactDelivery.INLINE,
-    clientRequestId: `web-${Date.now().toString(36)}`,
+    clientRequestId: newClientRequestId(),
+    // A reload or a dropped connection leaves the job running for the server's grace period,
+    // so the page can reattach; a job nobody comes back for is cancelled then. (The default,
+    // stated so that a change of default on the server cannot change what the page promises.)
+    onDisconnect: DisconnectPolicy.WAIT_FOR_WATCHER,
   };
   return { request, problems };
 }
@@ -94,20 +101,66 @@ async function generate(): Promise<void> {
     (problems[0]?.field === "image" ? $("drop") : $("prompt")).focus();
     return;
   }
-  const controller = new AbortController();
-  generation = controller;
+  const run = new FollowedJob("img2img", stageName);
+  await follow(run, { first: img2img.generate(request, run.callOptions()), resume: watchFrom(run) }, Date.now(), {
+    starting: "Sending the image…",
+    retry: () => void generate(),
+  });
+}
+
+function stageName(progress: Progress): string {
+  return IMG2IMG_STAGES[progress.stage] ?? "Working";
+}
+
+function watchFrom(run: FollowedJob): JobSource<Img2ImgResult>["resume"] {
+  return (jobId, after) => img2img.watchJob({ jobId, afterSequence: after }, run.callOptions());
+}
+
+/** Whether the panel is free to follow or show another job. */
+export function generationBusy(): boolean {
+  return generation !== undefined;
+}
+
+/** The job whose image the panel shows, if any. */
+export function imageShown(): string | undefined {
+  return current?.jobId;
+}
+
+/**
+ * Follow a queued or running job of this browser's in the panel, from the last event it handled
+ * (after a reload). False when the panel is busy with another job.
+ */
+export function resumeGeneration(view: JobView): boolean {
+  if (generation) return false;
+  clearFieldErrors("img2img");
+  hideAlert($("gen-alert"));
+  const run = new FollowedJob("img2img", stageName, view);
+  const { source, options } = reattach(view, watchFrom(run));
+  void follow(run, source, view.created, options);
+  return true;
+}
+
+/** Cancels the job the panel follows, if it is `jobId`; false when it follows another one (or none). */
+export function cancelGeneration(jobId: string): boolean {
+  if (!generation || generation.jobId !== jobId) return false;
+  $("gen-stage").textContent = "Cancelling…";
+  void generation.cancel();
+  return true;
+}
+
+async function follow(run: FollowedJob, source: JobSource<Img2ImgResult>, created: number, options: FollowOptions): Promise<void> {
+  generation = run;
   setGenerating(true);
+  const alert = $("gen-alert");
   const bar = $("gen-bar");
   const stageLabel = $("gen-stage");
   const eta = $("gen-eta");
   show($("gen-progress"));
-  setBar(bar, 0, "Starting");
-  stageLabel.textContent = "Sending the image…";
+  setBar(bar, options.fraction ?? 0, options.starting);
+  stageLabel.textContent = options.starting;
   eta.textContent = "";
-  $("gen-job").textContent = "";
-  const started = performance.now();
-  const handlers: JobHandlers = {
-    any: (kind) => logEvent("img2img", kind),
+  $("gen-job").textContent = run.jobId ? `job ${run.jobId}` : "";
+  const handlers: JobHandlers = run.handlers({
     accepted: (event) => {
       $("gen-job").textContent = `job ${event.jobId}`;
       stageLabel.textContent = event.queuePosition > 0 ? `Queued · ${event.queuePosition} ahead` : "Starting…";
@@ -119,8 +172,8 @@ async function generate(): Promise<void> {
       setBar(bar, 0, stageLabel.textContent);
     },
     progress: (event) => {
-      announce("gen-announce", IMG2IMG_STAGES[event.stage] ?? "Working");
-      const text = `${IMG2IMG_STAGES[event.stage] ?? "Working"}${stepText(event)}`;
+      announce("gen-announce", stageName(event));
+      const text = `${stageName(event)}${stepText(event)}`;
       stageLabel.textContent = text;
       eta.textContent = etaText(seconds(event.eta));
       setBar(bar, event.fraction, text);
@@ -132,31 +185,55 @@ async function generate(): Promise<void> {
     chunk: (_event, received) => {
       stageLabel.textContent = `Receiving · ${formatBytes(received)}`;
     },
-  };
+    reconnecting: () => {
+      stageLabel.textContent = "Connection lost · reconnecting…";
+    },
+  });
   try {
-    const outcome = await runJob(img2img.generate(request, { signal: controller.signal }), "img2img", handlers, controller.signal);
+    const outcome = await runJob(source, "img2img", handlers, run.signal);
     const file = outcome.files[0];
     if (!file) throw new Error("the result carried no image");
     setBar(bar, 1, "Done");
     stageLabel.textContent = "Done";
     announce("gen-announce", "The image is ready");
     eta.textContent = "";
+    run.ended(JobState.SUCCEEDED);
     await showResult({
       jobId: outcome.jobId,
       file,
       url: URL.createObjectURL(file.blob),
       result: outcome.result,
-      elapsedS: (performance.now() - started) / 1000,
+      elapsedS: (Date.now() - created) / 1000,
     });
     show($("gen-progress"), false);
   } catch (error) {
-    const ui = error instanceof StreamError ? error.ui : describeError(error, "img2img");
+    const terminal = error instanceof StreamError;
+    const ui = run.cancelFailure ?? (terminal ? error.ui : describeError(error, "img2img"));
+    run.ended(terminal ? (ui.kind === "cancelled" ? JobState.CANCELLED : JobState.FAILED) : undefined, ui);
     show($("gen-progress"), false);
     resetStageAfterFailure();
-    showAlert(alert, "img2img", ui, () => void generate());
+    showAlert(alert, "img2img", ui, retryAfter(run, terminal, options, (view) => void resumeGeneration(view)));
   } finally {
     generation = undefined;
+    run.release();
     setGenerating(false);
+  }
+}
+
+/** Shows a finished job's stored result (GetJob; the image is downloaded by reference). */
+export async function showImageJob(jobId: string, session: string | undefined): Promise<void> {
+  if (generation) return;
+  const alert = $("gen-alert");
+  hideAlert(alert);
+  try {
+    const job = (await img2img.getJob({ jobId }, jobCallOptions(session, undefined, CONTROL_TIMEOUT_MS))).job;
+    if (!job?.result) return; // not (or no longer) a success: the jobs list says what it is
+    const file = (await artifactFiles(job.result.artifacts, new AbortController().signal))[0];
+    if (!file) throw new Error("the result carried no image");
+    const elapsedS = jobSeconds(job.status);
+    await showResult({ jobId, file, url: URL.createObjectURL(file.blob), result: job.result, elapsedS });
+  } catch (error) {
+    showAlert(alert, "img2img", describeError(error, "img2img"), () => void showImageJob(jobId, session));
   }
 }
 
@@ -203,6 +280,7 @@ async function showResult(shown: Shown): Promise<void> {
   download.download = `kiln-${shown.jobId}.${extensionFor(file.artifact.mediaType)}`;
   show($("result-actions"));
   if (!history.includes(shown)) addToHistory(shown);
+  jobsShownChanged();
 }
 
 function addToHistory(shown: Shown): void {
@@ -258,12 +336,14 @@ export function setUpGenerate(): void {
     range.addEventListener("input", update);
     update();
   }
-  $("cancel").addEventListener("click", () => {
+  const cancel = () => {
+    if (!generation) return;
     $("gen-stage").textContent = "Cancelling…";
-    generation?.abort();
-  });
+    void generation.cancel();
+  };
+  $("cancel").addEventListener("click", cancel);
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && generation) generation.abort();
+    if (event.key === "Escape") cancel();
   });
   $("seed-random").addEventListener("click", () => {
     const seed = $<HTMLInputElement>("seed");

@@ -2,12 +2,16 @@
 import type { ServiceName } from "./errors.js";
 import type { GetInfoResponse as Img2ImgInfo } from "./gen/kiln/img2img/v1/img2img_service_pb.js";
 import type { GetInfoResponse as MeshInfo } from "./gen/kiln/mesh/v1/mesh_service_pb.js";
+import { jobViews } from "./myjobs.js";
 import { viewer } from "./state.js";
 
 interface LoggedEvent {
   job: ServiceName;
   kind: string;
   t: number;
+  /** The event's sequence in its job (stream events; for "watch", the cursor it resumes after). */
+  sequence?: number;
+  jobId?: string;
 }
 
 export const hooks = {
@@ -19,6 +23,8 @@ export const hooks = {
     webgl: (): boolean => viewer.webgl,
   },
   info: { img2img: undefined as Img2ImgInfo | undefined, mesh: undefined as MeshInfo | undefined },
+  /** This browser's jobs as the jobs list shows them, newest first. */
+  jobs: () => jobViews().map((job) => ({ ...job })),
 };
 declare global {
   interface Window {
@@ -27,6 +33,6 @@ declare global {
 }
 window.kiln = hooks;
 
-export function logEvent(job: ServiceName, kind: string): void {
-  hooks.events.push({ job, kind, t: performance.now() });
+export function logEvent(job: ServiceName, kind: string, where: { sequence?: number; jobId?: string } = {}): void {
+  hooks.events.push({ job, kind, t: performance.now(), ...where });
 }

@@ -1,16 +1,22 @@
 // Kiln's page: pick an image, generate a new one with live progress and previews, turn either
 // into a mesh and look at it in 3D. All calls are gRPC-Web to the gateway serving this page.
 import { $ } from "./dom.js";
-import { setUpGenerate } from "./generate.js";
+import { cancelGeneration, generationBusy, imageShown, resumeGeneration, setUpGenerate, showImageJob } from "./generate.js";
 import "./hooks.js"; // installs `window.kiln`, which the browser tests read
 import { setUpInput } from "./input.js";
-import { setUpMesh } from "./mesh.js";
+import { setUpJobList } from "./joblist.js";
+import { cancelMesh, meshBusy, meshShown, resumeMesh, setUpMesh, showMeshJob } from "./mesh.js";
 import { refreshStatus } from "./status.js";
 
 $("origin").textContent = location.host;
 setUpInput();
 setUpGenerate();
 setUpMesh();
+// After a reload this browser's jobs come back: running ones reattach, finished ones show.
+setUpJobList({
+  img2img: { busy: generationBusy, shown: imageShown, resume: resumeGeneration, show: showImageJob, cancel: cancelGeneration },
+  mesh: { busy: meshBusy, shown: meshShown, resume: resumeMesh, show: showMeshJob, cancel: cancelMesh },
+});
 void refreshStatus();
 // Keep the server pills honest (a model that finished loading, a server that went away), but
 // only while someone is looking at the page.

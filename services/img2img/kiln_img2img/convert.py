@@ -14,6 +14,7 @@ from kiln.img2img.v1 import img2img_service_pb2 as pb
 from kiln_img2img.providers.base import Img2ImgOutput
 from kiln_runtime import convert as common
 from kiln_runtime.errors import FieldViolation, InvalidArgument
+from kiln_runtime.job_api import JobMessages
 from kiln_runtime.jobs import Delivery, JobEvent, ResultEvent
 from kiln_runtime.provider import ProviderDescription
 
@@ -150,3 +151,6 @@ def parameter_ranges() -> pb.ParameterRanges:
         output_formats=IMAGE_FORMATS,
         max_prompt_tokens=MAX_PROMPT_TOKENS,
     )
+
+
+JOB_MESSAGES = JobMessages.of(pb, result)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kiln.img2img.v1 import img2img_service_pb2_grpc as pb_grpc
-from kiln_img2img import SERVICE_NAME
+from kiln_img2img import SERVICE_NAME, convert
 from kiln_img2img.config import Img2ImgSettings
 from kiln_img2img.providers import RUNS_LOCALLY, create_provider
 from kiln_img2img.service import Img2ImgService
@@ -18,7 +18,12 @@ def create_server(settings: Img2ImgSettings) -> KilnServer:
     device = choose_service_device("img2img", section) if section.provider in RUNS_LOCALLY else CPU
     provider = create_provider(settings, device)
     runtime = build_runtime(
-        name="img2img", service_full_name=SERVICE_NAME, kiln=settings, settings=settings.img2img, provider=provider
+        name="img2img",
+        service_full_name=SERVICE_NAME,
+        kiln=settings,
+        settings=settings.img2img,
+        provider=provider,
+        job_messages=convert.JOB_MESSAGES,
     )
     servicer = Img2ImgServicer(Img2ImgService(runtime, section.diffusers))
     return KilnServer(

@@ -12,7 +12,7 @@ from kiln_img2img.config import DiffusersSettings
 from kiln_img2img.convert import Img2ImgJob, Img2ImgPayload
 from kiln_img2img.preprocess import prepare_image
 from kiln_img2img.providers.base import Img2ImgInput, Img2ImgModel
-from kiln_runtime.jobs import JobEvent, JobOutput
+from kiln_runtime.jobs import JobOutput, RunnerEvent
 from kiln_runtime.provider import RunContext
 from kiln_runtime.server import Runtime
 from kiln_runtime.service import ModelService
@@ -42,7 +42,7 @@ class Img2ImgService(ModelService[Img2ImgModel]):
 
     async def generate(
         self, job: Img2ImgJob, *, time_remaining: Callable[[], float | None] = lambda: None
-    ) -> AsyncIterator[JobEvent]:
+    ) -> AsyncIterator[RunnerEvent]:
         """Stream one job's events; errors before the first event are raised, not yielded."""
         await self.check_input(job.image_bytes)  # header only: a refusal for capacity decodes nothing
         options = self.preprocess_options

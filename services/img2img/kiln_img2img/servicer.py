@@ -12,9 +12,12 @@ from kiln.img2img.v1 import img2img_service_pb2_grpc as pb_grpc
 from kiln_img2img import convert
 from kiln_img2img.service import Img2ImgService
 from kiln_runtime import convert as common
+from kiln_runtime.job_servicer import JobMethods, deadline
 
 
-class Img2ImgServicer(pb_grpc.Img2ImgProviderServicer):
+class Img2ImgServicer(JobMethods, pb_grpc.Img2ImgProviderServicer):
+    """Generate and GetInfo here; the job methods come from `JobMethods`."""
+
     def __init__(self, service: Img2ImgService) -> None:
         self.service = service
 
@@ -22,9 +25,9 @@ class Img2ImgServicer(pb_grpc.Img2ImgProviderServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
         job = convert.job_from_request(request)
-        domain = self.service.runtime.domain
-        async for event in self.service.generate(job, time_remaining=context.time_remaining):
-            yield convert.response(event, domain)
+        events = self.service.generate(job, time_remaining=deadline(context))
+        async for response in self.service.runtime.job_rpcs.generate(request, events):
+            yield response
 
     async def GetInfo(  # noqa: N802 - gRPC method name
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]

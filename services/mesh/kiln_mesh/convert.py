@@ -14,6 +14,7 @@ from kiln_mesh.export import MeshFormat
 from kiln_mesh.providers.base import MeshOutput
 from kiln_runtime import convert as common
 from kiln_runtime.errors import FieldViolation, InvalidArgument
+from kiln_runtime.job_api import JobMessages
 from kiln_runtime.jobs import Delivery, JobEvent, ResultEvent
 from kiln_runtime.provider import ProviderDescription
 
@@ -147,3 +148,6 @@ def parameter_ranges(can_bake_texture: bool) -> pb.ParameterRanges:
         output_formats=MESH_FORMATS,
         can_bake_texture=can_bake_texture,
     )
+
+
+JOB_MESSAGES = JobMessages.of(pb, result)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kiln.mesh.v1 import mesh_service_pb2_grpc as pb_grpc
-from kiln_mesh import SERVICE_NAME
+from kiln_mesh import SERVICE_NAME, convert
 from kiln_mesh.config import MeshSettings
 from kiln_mesh.providers import RUNS_LOCALLY, create_provider
 from kiln_mesh.service import MeshService
@@ -18,7 +18,12 @@ def create_server(settings: MeshSettings) -> KilnServer:
     device = choose_service_device("mesh", section) if section.provider in RUNS_LOCALLY else CPU
     provider = create_provider(settings, device)
     runtime = build_runtime(
-        name="mesh", service_full_name=SERVICE_NAME, kiln=settings, settings=settings.mesh, provider=provider
+        name="mesh",
+        service_full_name=SERVICE_NAME,
+        kiln=settings,
+        settings=settings.mesh,
+        provider=provider,
+        job_messages=convert.JOB_MESSAGES,
     )
     servicer = MeshServicer(MeshService(runtime))
     return KilnServer(

@@ -8,7 +8,7 @@ from kiln_mesh.convert import MeshJob, MeshPayload
 from kiln_mesh.export import EXTENSIONS, MEDIA_TYPES, export_mesh
 from kiln_mesh.mesh import NATIVE_TO_Y_UP, to_y_up, transform_textured
 from kiln_mesh.providers.base import MeshInput, MeshModel, MeshOutput
-from kiln_runtime.jobs import JobEvent, JobOutput
+from kiln_runtime.jobs import JobOutput, RunnerEvent
 from kiln_runtime.provider import ProgressUpdate, RunContext, Stage
 from kiln_runtime.service import ModelService
 
@@ -34,7 +34,7 @@ class MeshService(ModelService[MeshModel]):
 
     async def generate(
         self, job: MeshJob, *, time_remaining: Callable[[], float | None] = lambda: None
-    ) -> AsyncIterator[JobEvent]:
+    ) -> AsyncIterator[RunnerEvent]:
         """Stream one job's events; errors before the first event are raised, not yielded."""
         await self.check_input(job.image_bytes)  # header only: a refusal for capacity decodes nothing
         prepared: list[MeshInput] = []

@@ -12,9 +12,12 @@ from kiln.mesh.v1 import mesh_service_pb2_grpc as pb_grpc
 from kiln_mesh import convert
 from kiln_mesh.service import MeshService
 from kiln_runtime import convert as common
+from kiln_runtime.job_servicer import JobMethods, deadline
 
 
-class MeshServicer(pb_grpc.MeshProviderServicer):
+class MeshServicer(JobMethods, pb_grpc.MeshProviderServicer):
+    """Generate and GetInfo here; the job methods come from `JobMethods`."""
+
     def __init__(self, service: MeshService) -> None:
         self.service = service
 
@@ -22,9 +25,9 @@ class MeshServicer(pb_grpc.MeshProviderServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
         job = convert.job_from_request(request)
-        domain = self.service.runtime.domain
-        async for event in self.service.generate(job, time_remaining=context.time_remaining):
-            yield convert.response(event, domain)
+        events = self.service.generate(job, time_remaining=deadline(context))
+        async for response in self.service.runtime.job_rpcs.generate(request, events):
+            yield response
 
     async def GetInfo(  # noqa: N802 - gRPC method name
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]

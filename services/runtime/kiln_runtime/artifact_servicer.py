@@ -21,7 +21,7 @@ from kiln.artifacts.v1 import artifact_service_pb2 as pb
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as pb_grpc
 from kiln_runtime.errors import ArtifactTooLarge, FieldViolation, InvalidArgument, KilnError, NotFound
 from kiln_runtime.jobs import MESSAGE_OVERHEAD_BYTES
-from kiln_runtime.storage import ArtifactNotFound, ArtifactStore, InvalidArtifactId, StoredArtifact
+from kiln_runtime.storage import JOB_FILES, ArtifactNotFound, ArtifactStore, InvalidArtifactId, StoredArtifact
 
 SERVICE_NAME = "kiln.artifacts.v1.ArtifactProvider"
 
@@ -99,6 +99,8 @@ class ArtifactServicer(pb_grpc.ArtifactProviderServicer):
         self.chunk_bytes = max(1, min(DOWNLOAD_CHUNK_BYTES, self.max_bytes))
 
     async def _describe(self, artifact_id: str) -> StoredArtifact:
+        if artifact_id.rpartition("/")[2] in JOB_FILES:  # the job's own files: GetJob answers for them
+            raise NotFound(f"no artifact {artifact_id!r}; the job's own files are read with GetJob")
         try:
             return await asyncio.to_thread(self.store.get, artifact_id)
         except InvalidArtifactId as err:

@@ -182,6 +182,17 @@ class NotFound(KilnError):
     reason = "NOT_FOUND"
 
 
+class ReplicaLost(KilnError):
+    """The server that ran a job stopped before the job ended; another replica reports it.
+
+    UNAVAILABLE, but not retriable by Envoy or the client: the job itself is gone, and only a
+    new submission (a new job) can produce its result.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "REPLICA_LOST"
+
+
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]

@@ -112,7 +112,14 @@ class ErrorEvent:
     error: KilnError
 
 
+@dataclass(frozen=True)
+class StartedEvent:
+    """The job got its slot (it is RUNNING now). For the job table only; never sent to clients."""
+
+
 JobEvent = AcceptedEvent | QueuedEvent | ProgressEvent | ChunkEvent | ResultEvent[Any] | ErrorEvent
+#: What `JobRunner.run` yields: the events clients see, and the table's own markers.
+RunnerEvent = JobEvent | StartedEvent
 Work = Callable[[RunContext], JobOutput[PayloadT]]
 
 _DONE = object()
@@ -154,7 +161,7 @@ class JobRunner:
         timings: Sequence[tuple[str, float]] = (),
         time_remaining: Callable[[], float | None] = lambda: None,
         prepare: Callable[[], Awaitable[object]] | None = None,
-    ) -> AsyncIterator[JobEvent]:
+    ) -> AsyncIterator[RunnerEvent]:
         """Admit and run `work`, yielding its events.
 
         Raises `StorageFull`, `Overloaded` or `ShuttingDown` before the first event when the job
@@ -199,6 +206,7 @@ class JobRunner:
                     slot = event_or_slot
             assert slot is not None
             phases.append(("queue", time.perf_counter() - queued_at))
+            yield StartedEvent()
             remaining = time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the deadline passed while the job waited for a slot")

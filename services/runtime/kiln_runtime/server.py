@@ -32,6 +32,8 @@ from kiln_runtime.device import (
     configure_mps_fallback,
     probe_devices,
 )
+from kiln_runtime.job_api import JobMessages, JobRpcs, StoreRecorder, new_replica_id
+from kiln_runtime.job_table import JobTable
 from kiln_runtime.jobs import JobRunner
 from kiln_runtime.limits import AdmissionController
 from kiln_runtime.model_manager import ModelManager
@@ -63,6 +65,9 @@ class Runtime:
     runner: JobRunner
     manager: ModelManager
     health: health.aio.HealthServicer
+    # Jobs apart from their streams, and the job RPCs over them.
+    jobs: JobTable
+    job_rpcs: JobRpcs
     # Budget and free-space floor of a local artifact folder; None for an object store.
     storage_guard: StorageGuard | None = None
 
@@ -90,6 +95,7 @@ def build_runtime(
     kiln: KilnSettings,
     settings: ServiceSettings,
     provider: Provider[Any, Any],
+    job_messages: JobMessages,
 ) -> Runtime:
     """Build the shared runtime for one model server (no sockets opened yet)."""
     metrics = ServiceMetrics(name)
@@ -117,9 +123,12 @@ def build_runtime(
         model=manager,
         storage_guard=guard,
     )
+    domain = f"{name}.kiln.dev"
+    recorder = StoreRecorder(store, job_messages, domain=domain, replica=new_replica_id(), settings=settings.jobs)
+    jobs = JobTable(settings.jobs, recorder=recorder, metrics=metrics)
     return Runtime(
         name=name,
-        domain=f"{name}.kiln.dev",
+        domain=domain,
         settings=settings,
         store=store,
         metrics=metrics,
@@ -127,6 +136,8 @@ def build_runtime(
         runner=runner,
         manager=manager,
         health=health_servicer,
+        jobs=jobs,
+        job_rpcs=JobRpcs(jobs, recorder, job_messages, domain=domain),
         storage_guard=guard,
     )
 
@@ -213,6 +224,7 @@ class KilnServer:
             )
         await self.server.start()
         await self.runtime.manager.start()
+        self.runtime.jobs.start()
         self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="kiln-storage-cleanup")
         if self.runtime.storage_guard is not None:
             self._usage_task = asyncio.create_task(
@@ -236,7 +248,9 @@ class KilnServer:
         log.info("shutting down; draining in-flight jobs for up to %.1f s", grace)
         await self.runtime.manager.drain()
         self.runtime.admission.start_draining()
-        await self.server.stop(grace)
+        # Jobs run apart from their streams: both get the grace period, then whatever is left is
+        # cancelled (the streams by grpc, the jobs by the table, which records them CANCELLED).
+        await asyncio.gather(self.runtime.jobs.drain(grace), self.server.stop(grace))
         for task in (self._cleanup_task, self._usage_task):
             if task is not None:
                 task.cancel()

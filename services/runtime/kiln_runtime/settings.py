@@ -220,12 +220,40 @@ class TelemetrySettings(BaseModel):
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line; text: for humans.")
 
 
+class JobsSettings(BaseModel):
+    """How long jobs live apart from their streams (ARCHITECTURE.md, "Jobs")."""
+
+    disconnect_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds a job whose last watcher left keeps running, waiting for a WatchJob, before it is "
+        "cancelled (requests with DisconnectPolicy WAIT_FOR_WATCHER, the default); also how long a finished job's "
+        "full event log is kept for a reconnecting client before previews and chunks are dropped from it.",
+    )
+    retention_s: PositiveFloat = Field(
+        3600.0, description="Seconds a finished job stays readable (GetJob, WatchJob, ListJobs); then NOT_FOUND."
+    )
+    max_retained_jobs: PositiveInt = Field(
+        1000, description="Most finished jobs kept in memory; the oldest go first (the store still answers GetJob)."
+    )
+    max_retained_bytes: ByteSize = Field(
+        ByteSize(256 * MiB),
+        description="Most bytes of events (previews, chunks, inline results) finished jobs keep in memory (256MiB).",
+    )
+    heartbeat_s: PositiveFloat = Field(
+        5.0,
+        description="Seconds between rewrites of an unfinished job's stored record; a record three heartbeats old "
+        "means its server is gone, and other replicas report the job as FAILED (REPLICA_LOST).",
+    )
+
+
 class ServiceSettings(BaseModel):
     """Everything one model server needs except its provider's own settings."""
 
     server: ServerSettings = Field(default_factory=ServerSettings, description="Listening and message caps.")
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Device and admission.")
     limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Input size limits.")
+    jobs: JobsSettings = Field(default_factory=JobsSettings, description="Jobs that outlive their streams.")
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServiceSettings:

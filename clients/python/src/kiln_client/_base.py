@@ -2,15 +2,22 @@
 
 `ServiceClient` blocks; `AsyncServiceClient` is the same for grpc.aio. Each owns one generated
 stub of its service plus the artifact stub on the same channel, so a result delivered by
-reference downloads through the connection (and credentials) that produced it.
+reference downloads through the connection (and credentials) that produced it. Both speak to
+jobs the same way: `Generate` submits (with a ``client_request_id``, so a retried submit attaches
+to the job instead of running it twice) and `WatchJob` resumes a broken stream; the gateway's
+session header of each job is remembered (`JobSessions`) and sent back on its job calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import grpc
@@ -18,8 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kiln.artifacts.v1 import artifact_service_pb2 as artifacts_pb
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as artifacts_grpc
-from kiln.common.v1 import artifact_pb2
+from kiln.common.v1 import artifact_pb2, job_pb2
 from kiln_client import _download, _stream
+from kiln_client._resume import RESUME_WINDOW_S, JobCursor
+from kiln_client._session import JobSessions
 from kiln_client.errors import InvalidArgumentError, error_from_rpc_error
 from kiln_client.limits import DEFAULT_MAX_IMAGE_BYTES, max_request_message_bytes
 
@@ -31,6 +40,27 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
 arrive in chunks below it. It is this client's receive cap; raise both together."""
 
 Metadata = tuple[tuple[str, str], ...]
+
+LEFT_JOB_CANCEL_TIMEOUT_S = 5.0
+"""Deadline of the CancelJob sent for a job whose caller stopped reading its stream."""
+
+
+def _remaining(timeout: float | None) -> Callable[[], float | None]:
+    """Seconds left of one deadline for the whole stream, for each call that carries it."""
+    if timeout is None:
+        return lambda: None
+    deadline = time.monotonic() + timeout
+    return lambda: max(deadline - time.monotonic(), 0.0)
+
+
+def _cancels_when_left(request: Any) -> bool:
+    """Whether leaving the stream early means "cancel the job".
+
+    So it always did; a dropped connection no longer does (the server keeps the job for a
+    watcher, and the client resumes). ``WAIT_FOR_WATCHER`` and ``DETACH`` ask the job to outlive
+    its stream, so leaving it alone is the point.
+    """
+    return request.on_disconnect in (job_pb2.DISCONNECT_POLICY_UNSPECIFIED, job_pb2.DISCONNECT_POLICY_CANCEL)
 
 
 def _channel_options(max_message_bytes: int, max_image_bytes: int) -> list[tuple[str, Any]]:
@@ -61,6 +91,8 @@ class _ClientCore(Generic[StubT]):
     """What both client kinds keep: construction, deadlines, retries, metadata."""
 
     _stub_type: Callable[[Any], StubT]
+    #: The service's generated messages (``GetJobRequest``, ``WatchJobRequest``, ...).
+    _messages: ModuleType
     # What this client sends at most; a larger request is refused here, before it travels.
     _max_request_bytes: int = max_request_message_bytes(DEFAULT_MAX_IMAGE_BYTES)
 
@@ -76,11 +108,17 @@ class _ClientCore(Generic[StubT]):
         api_key: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         retries: int = 2,
+        resume_window_s: float = RESUME_WINDOW_S,
     ) -> None:
         options = _channel_options(max_message_bytes, max_image_bytes)
         channel = self._open_channel(target, options, _credentials(tls, credentials))
         self._init(
-            channel, timeout=timeout, retries=retries, metadata=_call_metadata(api_key, metadata), owns_channel=True
+            channel,
+            timeout=timeout,
+            retries=retries,
+            metadata=_call_metadata(api_key, metadata),
+            owns_channel=True,
+            resume_window_s=resume_window_s,
         )
         self._max_request_bytes = max_request_message_bytes(max_image_bytes)
 
@@ -98,6 +136,7 @@ class _ClientCore(Generic[StubT]):
         timeout: float | None = None,
         retries: int = 2,
         metadata: Sequence[tuple[str, str]] = (),
+        resume_window_s: float = RESUME_WINDOW_S,
     ) -> Self:
         """Wrap an existing channel (``grpc.Channel``, or ``grpc.aio.Channel`` for the asyncio clients).
 
@@ -108,12 +147,20 @@ class _ClientCore(Generic[StubT]):
             timeout: Default deadline in seconds for every call.
             retries: Default retries before the first event.
             metadata: Extra ``(key, value)`` pairs sent on every call.
+            resume_window_s: How long a broken job stream is resumed; 0 never resumes.
 
         Returns:
             The client.
         """
         client = cls.__new__(cls)
-        client._init(channel, timeout=timeout, retries=retries, metadata=tuple(metadata), owns_channel=False)
+        client._init(
+            channel,
+            timeout=timeout,
+            retries=retries,
+            metadata=tuple(metadata),
+            owns_channel=False,
+            resume_window_s=resume_window_s,
+        )
         return client
 
     def _init(
@@ -124,6 +171,7 @@ class _ClientCore(Generic[StubT]):
         retries: int,
         metadata: Metadata,
         owns_channel: bool,
+        resume_window_s: float,
     ) -> None:
         self._channel = channel
         self._stub = type(self)._stub_type(channel)
@@ -132,6 +180,34 @@ class _ClientCore(Generic[StubT]):
         self._retries = retries
         self._metadata = metadata
         self._owns_channel = owns_channel
+        self._resume_window_s = resume_window_s
+        #: The gateway's session value of each recent job (``kiln_client.SESSION_HEADER``):
+        #: sent back on that job's calls so they reach the replica that runs it.
+        self.sessions = JobSessions()
+
+    @property
+    def _calls(self) -> Any:
+        """The service stub, untyped: the generated grpc modules carry no annotations."""
+        return self._stub
+
+    def _job_metadata(self, job_id: str) -> Metadata:
+        return self.sessions.metadata(job_id, self._metadata)
+
+    def _submit(self, request: Any) -> Any:
+        """Check a Generate request and give it an idempotency key when the caller gave none."""
+        self._check_request_size(request)
+        if not request.client_request_id:
+            # The key lets a submit interrupted before `accepted` be sent again safely: the
+            # server attaches the second try to the job the first one created.
+            request.client_request_id = str(uuid.uuid4())
+        return request
+
+    def _open_call(self, request: Any, cursor: JobCursor, remaining: Callable[[], float | None]) -> Any:
+        """The next call of a job's stream: Generate until the job exists, then WatchJob after the cursor."""
+        if not cursor.started:
+            return self._calls.Generate(request, timeout=remaining(), metadata=self._metadata)
+        watch = self._messages.WatchJobRequest(job_id=cursor.job_id, after_sequence=cursor.last_sequence)
+        return self._calls.WatchJob(watch, timeout=remaining(), metadata=self._job_metadata(cursor.job_id))
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._timeout
@@ -170,9 +246,13 @@ class ServiceClient(_ClientCore[StubT]):
         credentials: Explicit channel credentials, for example ``grpc.ssl_channel_credentials(ca)``.
         api_key: Sent as ``authorization: Bearer <key>`` on every call (for a gateway that checks it).
         metadata: Extra ``(key, value)`` pairs sent on every call.
-        retries: Default number of retries before the first event of a stream, of what can succeed
-            on a later try: a full server (reason CAPACITY, after its RetryInfo delay), a draining
-            one (SHUTTING_DOWN), a connection that failed (ARCHITECTURE.md, "Retries").
+        retries: Default number of retries before the job exists (its ``accepted`` event), of what
+            can succeed on a later try: a full server (reason CAPACITY, after its RetryInfo
+            delay), a draining one (SHUTTING_DOWN), a connection that failed (ARCHITECTURE.md,
+            "Retries").
+        resume_window_s: How long a job stream that broke after ``accepted`` is resumed with
+            ``WatchJob`` (from the break; default 45 s, inside the servers' 60 s grace for an
+            unwatched job); 0 never resumes.
     """
 
     @staticmethod
@@ -206,15 +286,57 @@ class ServiceClient(_ClientCore[StubT]):
         except grpc.RpcError as error:
             raise error_from_rpc_error(error) from error
 
-    def _generate(self, request: Any, timeout: float | None, retries: int | None) -> Iterator[Any]:
-        """Start Generate with the client's deadline and metadata; events with the retry rule."""
-        self._check_request_size(request)
-        deadline = self._deadline(timeout)
+    def _job_unary(self, method: Any, request: Any, job_id: str, timeout: float | None) -> Any:
+        """`_unary` for a call about one job: its session goes along, and a new one is remembered."""
+        try:
+            response, call = method.with_call(
+                request, timeout=self._deadline(timeout), metadata=self._job_metadata(job_id)
+            )
+        except grpc.RpcError as error:
+            raise error_from_rpc_error(error) from error
+        self.sessions.note(job_id, call.initial_metadata())
+        return response
 
-        def start() -> Iterator[Any]:
-            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[attr-defined, no-any-return]
+    def _generate(self, request: Any, timeout: float | None, retries: int | None) -> Generator[Any]:
+        """Submit a job and yield its events, resuming the stream if it breaks (`_stream.stream_events`)."""
+        request = self._submit(request)
+        remaining = _remaining(self._deadline(timeout))
+        return _stream.stream_events(
+            lambda cursor: self._open_call(request, cursor, remaining),
+            JobCursor(window_s=self._resume_window_s),
+            retries=self._retry_count(retries),
+            on_first_event=self._note_session,
+            on_abandon=self._cancel_left_job if _cancels_when_left(request) else None,
+        )
 
-        return _stream.stream_events(start, retries=self._retry_count(retries))
+    def _watch(self, job_id: str, after: int, timeout: float | None) -> Generator[Any]:
+        """A job's events after ``after``, resumed like `_generate`'s."""
+        remaining = _remaining(self._deadline(timeout))
+        return _stream.stream_events(
+            lambda cursor: self._open_call(None, cursor, remaining),
+            JobCursor(job_id, after=after, window_s=self._resume_window_s),
+            retries=0,
+            on_first_event=self._note_session,
+        )
+
+    def _note_session(self, call: Any, cursor: JobCursor) -> None:
+        self.sessions.note(cursor.job_id, call.initial_metadata())
+
+    def _cancel_left_job(self, cursor: JobCursor) -> None:
+        """Cancel a job whose caller stopped reading it; best effort (the server's grace period backs it).
+
+        Anything that goes wrong is swallowed: this runs while the stream is being closed, perhaps
+        by the garbage collector after the channel itself was closed.
+        """
+        request = self._messages.CancelJobRequest(job_id=cursor.job_id)
+        with contextlib.suppress(Exception):
+            self._job_unary(self._calls.CancelJob, request, cursor.job_id, LEFT_JOB_CANCEL_TIMEOUT_S)
+
+    def _with_bytes(self, collected: _stream.Collected, delivery: str | int | None) -> _stream.Collected:
+        """The collected job, with the artifact's bytes fetched if the stream lost them (`bytes_missing`)."""
+        if not _stream.bytes_missing(collected, _stream.delivery(delivery)):
+            return collected
+        return dataclasses.replace(collected, data=self.fetch_artifact(collected.artifact))
 
     def check_health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Ask the server's ``grpc.health.v1.Health`` service how ``service`` is.
@@ -345,15 +467,52 @@ class AsyncServiceClient(_ClientCore[StubT]):
         except grpc.RpcError as error:
             raise error_from_rpc_error(error) from error
 
+    async def _job_unary(self, method: Any, request: Any, job_id: str, timeout: float | None) -> Any:
+        """See `ServiceClient._job_unary`."""
+        call = method(request, timeout=self._deadline(timeout), metadata=self._job_metadata(job_id))
+        try:
+            response = await call
+        except grpc.RpcError as error:
+            raise error_from_rpc_error(error) from error
+        self.sessions.note(job_id, await call.initial_metadata())
+        return response
+
     def _generate(self, request: Any, timeout: float | None, retries: int | None) -> AsyncGenerator[Any]:
         """`ServiceClient._generate` for grpc.aio."""
-        self._check_request_size(request)
-        deadline = self._deadline(timeout)
+        request = self._submit(request)
+        remaining = _remaining(self._deadline(timeout))
+        return _stream.astream_events(
+            lambda cursor: self._open_call(request, cursor, remaining),
+            JobCursor(window_s=self._resume_window_s),
+            retries=self._retry_count(retries),
+            on_first_event=self._note_session,
+            on_abandon=self._cancel_left_job if _cancels_when_left(request) else None,
+        )
 
-        def start() -> AsyncIterator[Any]:
-            return self._stub.Generate(request, timeout=deadline, metadata=self._metadata)  # type: ignore[attr-defined, no-any-return]
+    def _watch(self, job_id: str, after: int, timeout: float | None) -> AsyncGenerator[Any]:
+        """See `ServiceClient._watch`."""
+        remaining = _remaining(self._deadline(timeout))
+        return _stream.astream_events(
+            lambda cursor: self._open_call(None, cursor, remaining),
+            JobCursor(job_id, after=after, window_s=self._resume_window_s),
+            retries=0,
+            on_first_event=self._note_session,
+        )
 
-        return _stream.astream_events(start, retries=self._retry_count(retries))
+    async def _note_session(self, call: Any, cursor: JobCursor) -> None:
+        self.sessions.note(cursor.job_id, await call.initial_metadata())
+
+    async def _cancel_left_job(self, cursor: JobCursor) -> None:
+        """See `ServiceClient._cancel_left_job`."""
+        request = self._messages.CancelJobRequest(job_id=cursor.job_id)
+        with contextlib.suppress(Exception):
+            await self._job_unary(self._calls.CancelJob, request, cursor.job_id, LEFT_JOB_CANCEL_TIMEOUT_S)
+
+    async def _with_bytes(self, collected: _stream.Collected, delivery: str | int | None) -> _stream.Collected:
+        """See `ServiceClient._with_bytes`."""
+        if not _stream.bytes_missing(collected, _stream.delivery(delivery)):
+            return collected
+        return dataclasses.replace(collected, data=await self.fetch_artifact(collected.artifact))
 
     async def _artifact_pieces(self, artifact: artifact_pb2.Artifact, timeout: float | None) -> AsyncIterator[bytes]:
         """See `ServiceClient._artifact_pieces`."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
@@ -10,7 +10,7 @@ from kiln.common.v1 import artifact_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as pb
 from kiln.img2img.v1 import img2img_service_pb2_grpc as pb_grpc
 from kiln_client import _stream
-from kiln_client._base import AsyncServiceClient, ServiceClient
+from kiln_client._jobs import AsyncJobsClient, JobsClient
 from kiln_client.errors import KilnError
 
 
@@ -28,7 +28,13 @@ class Img2ImgOptions(TypedDict, total=False):
         output_format: ``"PNG"``, ``"JPEG"``, ``"WEBP"`` or an ``ImageFormat`` number; default PNG.
         preview_every: Send a low-resolution preview every N steps; 0 sends none.
         delivery: ``"INLINE"``, ``"CHUNKED"``, ``"REFERENCE"`` or a number.
-        client_request_id: Correlation id echoed in the server's logs.
+        client_request_id: Idempotency key (at most 128 characters), echoed in the server's logs;
+            default a new UUID4 per call. The same key with the same request within the servers'
+            retention attaches to the existing job (the model runs once).
+        on_disconnect: What a dropped stream means for the job: ``"WAIT_FOR_WATCHER"`` (the
+            server's default: it runs on for a grace period, 60 s, waiting for a watcher, so the
+            client can resume), ``"CANCEL"`` (at once) or ``"DETACH"`` (it runs to the end; read it
+            later with ``get_job`` or ``watch_job``).
     """
 
     negative_prompt: str
@@ -41,6 +47,7 @@ class Img2ImgOptions(TypedDict, total=False):
     preview_every: int
     delivery: str | int
     client_request_id: str
+    on_disconnect: str | int
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Img2ImgResult:
         uri: Where the server stored the image.
         artifact: The image's ``Artifact`` (id, size, SHA-256, URI).
         result: The full ``kiln.img2img.v1.Result`` message.
+        job_id: The job (``get_job``, ``watch_job``).
     """
 
     image: bytes | None
@@ -67,6 +75,7 @@ class Img2ImgResult:
     uri: str
     artifact: artifact_pb2.Artifact
     result: pb.Result
+    job_id: str = ""
 
 
 def _request(image: bytes, prompt: str, options: Img2ImgOptions) -> pb.GenerateRequest:
@@ -81,8 +90,9 @@ def _request(image: bytes, prompt: str, options: Img2ImgOptions) -> pb.GenerateR
         scheduler=_stream.enum_value(pb.Scheduler, "SCHEDULER_", options.get("scheduler", "EULER")),  # type: ignore[arg-type]
         output_format=_stream.enum_value(pb.ImageFormat, "IMAGE_FORMAT_", options.get("output_format", "PNG")),  # type: ignore[arg-type]
         preview_every_n_steps=options.get("preview_every", 0),
-        delivery=_stream.enum_value(artifact_pb2.ArtifactDelivery, "ARTIFACT_DELIVERY_", options.get("delivery")),  # type: ignore[arg-type]
+        delivery=_stream.delivery(options.get("delivery")),  # type: ignore[arg-type]
         client_request_id=options.get("client_request_id", ""),
+        on_disconnect=_stream.disconnect_policy(options.get("on_disconnect")),  # type: ignore[arg-type]
     )
 
 
@@ -100,10 +110,11 @@ def img2img_result(collected: _stream.Collected) -> Img2ImgResult:
         uri=collected.artifact.uri,
         artifact=collected.artifact,
         result=result,
+        job_id=collected.job_id,
     )
 
 
-class Img2ImgClient(ServiceClient[pb_grpc.Img2ImgProviderStub]):
+class Img2ImgClient(JobsClient[pb_grpc.Img2ImgProviderStub, pb.Job, pb.GenerateResponse]):
     """A blocking client for ``kiln.img2img.v1.Img2ImgProvider``.
 
     Owns a channel and the generated stub; use it as a context manager, or call ``close``.
@@ -115,6 +126,7 @@ class Img2ImgClient(ServiceClient[pb_grpc.Img2ImgProviderStub]):
     """
 
     _stub_type = pb_grpc.Img2ImgProviderStub
+    _messages = pb
 
     def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         """Describe the model, its readiness, limits and parameter ranges.
@@ -133,19 +145,22 @@ class Img2ImgClient(ServiceClient[pb_grpc.Img2ImgProviderStub]):
         timeout: float | None = None,
         retries: int | None = None,
         **options: Unpack[Img2ImgOptions],
-    ) -> Iterator[pb.GenerateResponse]:
+    ) -> Generator[pb.GenerateResponse]:
         """Run one job and yield its events as they arrive.
 
         Args:
             image: Encoded PNG, JPEG or WebP input bytes.
             prompt: What the new image should show.
             timeout: Deadline in seconds for the whole stream; default the client's.
-            retries: Retries before the first event; default the client's.
+            retries: Retries before the job exists (its ``accepted`` event); default the client's.
             **options: See `Img2ImgOptions`.
 
         Yields:
             The ``GenerateResponse`` events (accepted, queued, progress, preview, chunk) up to
-            the terminal ``result``. Stopping the iteration cancels the job.
+            the terminal ``result``, each once and in ``sequence`` order: a stream that breaks
+            after ``accepted`` is resumed with ``WatchJob`` from the last event. Stopping the
+            iteration cancels the job (``CancelJob``), unless ``on_disconnect`` asks it to
+            outlive its stream.
 
         Raises:
             KilnError: The call failed, or the job ended with an ``error`` event.
@@ -170,10 +185,10 @@ class Img2ImgClient(ServiceClient[pb_grpc.Img2ImgProviderStub]):
             KilnError: The call or the job failed.
         """
         events = self.generate(image, prompt=prompt, timeout=timeout, retries=retries, **options)
-        return img2img_result(_stream.collect(events))
+        return img2img_result(self._with_bytes(_stream.collect(events), options.get("delivery")))
 
 
-class AsyncImg2ImgClient(AsyncServiceClient[pb_grpc.Img2ImgProviderStub]):
+class AsyncImg2ImgClient(AsyncJobsClient[pb_grpc.Img2ImgProviderStub, pb.Job, pb.GenerateResponse]):
     """The asyncio form of `Img2ImgClient`: the same calls, awaited; ``generate`` is an async iterator.
 
     Example:
@@ -183,6 +198,7 @@ class AsyncImg2ImgClient(AsyncServiceClient[pb_grpc.Img2ImgProviderStub]):
     """
 
     _stub_type = pb_grpc.Img2ImgProviderStub
+    _messages = pb
 
     async def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         """See `Img2ImgClient.get_info`."""
@@ -213,4 +229,4 @@ class AsyncImg2ImgClient(AsyncServiceClient[pb_grpc.Img2ImgProviderStub]):
     ) -> Img2ImgResult:
         """See `Img2ImgClient.generate_image`."""
         events = self.generate(image, prompt=prompt, timeout=timeout, retries=retries, **options)
-        return img2img_result(await _stream.acollect(events))
+        return img2img_result(await self._with_bytes(await _stream.acollect(events), options.get("delivery")))

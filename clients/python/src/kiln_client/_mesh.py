@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
@@ -10,7 +10,7 @@ from kiln.common.v1 import artifact_pb2
 from kiln.mesh.v1 import mesh_service_pb2 as pb
 from kiln.mesh.v1 import mesh_service_pb2_grpc as pb_grpc
 from kiln_client import _stream
-from kiln_client._base import AsyncServiceClient, ServiceClient
+from kiln_client._jobs import AsyncJobsClient, JobsClient
 from kiln_client.errors import KilnError
 
 
@@ -27,7 +27,8 @@ class MeshOptions(TypedDict, total=False):
         texture_resolution: Baked texture size in pixels.
         frame: ``"Y_UP"`` or ``"NATIVE"``.
         delivery: ``"INLINE"``, ``"CHUNKED"``, ``"REFERENCE"`` or a number.
-        client_request_id: Correlation id echoed in the server's logs.
+        client_request_id: Idempotency key; see `Img2ImgOptions`.
+        on_disconnect: ``"WAIT_FOR_WATCHER"``, ``"CANCEL"`` or ``"DETACH"``; see `Img2ImgOptions`.
     """
 
     output_format: str | int
@@ -40,6 +41,7 @@ class MeshOptions(TypedDict, total=False):
     frame: str | int
     delivery: str | int
     client_request_id: str
+    on_disconnect: str | int
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class MeshResult:
         uri: Where the server stored the file.
         artifact: The file's ``Artifact`` (id, size, SHA-256, URI).
         result: The full ``kiln.mesh.v1.Result`` message.
+        job_id: The job (``get_job``, ``watch_job``).
     """
 
     data: bytes | None
@@ -64,6 +67,7 @@ class MeshResult:
     uri: str
     artifact: artifact_pb2.Artifact
     result: pb.Result
+    job_id: str = ""
 
 
 def _request(image: bytes, options: MeshOptions) -> pb.GenerateRequest:
@@ -79,8 +83,9 @@ def _request(image: bytes, options: MeshOptions) -> pb.GenerateRequest:
         bake_texture=options.get("bake_texture", False),
         texture_resolution=options.get("texture_resolution"),
         frame=_stream.enum_value(pb.MeshFrame, "MESH_FRAME_", options.get("frame")),  # type: ignore[arg-type]
-        delivery=_stream.enum_value(artifact_pb2.ArtifactDelivery, "ARTIFACT_DELIVERY_", options.get("delivery")),  # type: ignore[arg-type]
+        delivery=_stream.delivery(options.get("delivery")),  # type: ignore[arg-type]
         client_request_id=options.get("client_request_id", ""),
+        on_disconnect=_stream.disconnect_policy(options.get("on_disconnect")),  # type: ignore[arg-type]
     )
 
 
@@ -97,10 +102,11 @@ def mesh_result(collected: _stream.Collected) -> MeshResult:
         uri=collected.artifact.uri,
         artifact=collected.artifact,
         result=result,
+        job_id=collected.job_id,
     )
 
 
-class MeshClient(ServiceClient[pb_grpc.MeshProviderStub]):
+class MeshClient(JobsClient[pb_grpc.MeshProviderStub, pb.Job, pb.GenerateResponse]):
     """A blocking client for ``kiln.mesh.v1.MeshProvider``.
 
     Owns a channel and the generated stub; use it as a context manager, or call ``close``.
@@ -112,6 +118,7 @@ class MeshClient(ServiceClient[pb_grpc.MeshProviderStub]):
     """
 
     _stub_type = pb_grpc.MeshProviderStub
+    _messages = pb
 
     def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         """Describe the model, its readiness, limits and parameter ranges.
@@ -129,18 +136,21 @@ class MeshClient(ServiceClient[pb_grpc.MeshProviderStub]):
         timeout: float | None = None,
         retries: int | None = None,
         **options: Unpack[MeshOptions],
-    ) -> Iterator[pb.GenerateResponse]:
+    ) -> Generator[pb.GenerateResponse]:
         """Run one job and yield its events as they arrive.
 
         Args:
             image: Encoded PNG, JPEG or WebP input bytes.
             timeout: Deadline in seconds for the whole stream; default the client's.
-            retries: Retries before the first event; default the client's.
+            retries: Retries before the job exists (its ``accepted`` event); default the client's.
             **options: See `MeshOptions`.
 
         Yields:
             The ``GenerateResponse`` events (accepted, queued, progress by stage, chunk) up to
-            the terminal ``result``. Stopping the iteration cancels the job.
+            the terminal ``result``, each once and in ``sequence`` order: a stream that breaks
+            after ``accepted`` is resumed with ``WatchJob`` from the last event. Stopping the
+            iteration cancels the job (``CancelJob``), unless ``on_disconnect`` asks it to
+            outlive its stream.
 
         Raises:
             KilnError: The call failed, or the job ended with an ``error`` event.
@@ -163,13 +173,15 @@ class MeshClient(ServiceClient[pb_grpc.MeshProviderStub]):
             ChecksumError: The received bytes do not match the announced SHA-256.
             KilnError: The call or the job failed.
         """
-        return mesh_result(_stream.collect(self.generate(image, timeout=timeout, retries=retries, **options)))
+        events = self.generate(image, timeout=timeout, retries=retries, **options)
+        return mesh_result(self._with_bytes(_stream.collect(events), options.get("delivery")))
 
 
-class AsyncMeshClient(AsyncServiceClient[pb_grpc.MeshProviderStub]):
+class AsyncMeshClient(AsyncJobsClient[pb_grpc.MeshProviderStub, pb.Job, pb.GenerateResponse]):
     """The asyncio form of `MeshClient`: the same calls, awaited; ``generate`` is an async iterator."""
 
     _stub_type = pb_grpc.MeshProviderStub
+    _messages = pb
 
     async def get_info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         """See `MeshClient.get_info`."""
@@ -198,4 +210,4 @@ class AsyncMeshClient(AsyncServiceClient[pb_grpc.MeshProviderStub]):
     ) -> MeshResult:
         """See `MeshClient.generate_mesh`."""
         events = self.generate(image, timeout=timeout, retries=retries, **options)
-        return mesh_result(await _stream.acollect(events))
+        return mesh_result(await self._with_bytes(await _stream.acollect(events), options.get("delivery")))

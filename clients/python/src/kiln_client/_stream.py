@@ -1,8 +1,8 @@
 """What the img2img and mesh clients share.
 
-Enum arguments, the event stream with bounded retries before the first event, and artifact
-reassembly with SHA-256 checks. The two services' messages have the same shape but distinct
-types, so the oneof members are read by name here.
+Enum arguments, the event stream (bounded retries before the job exists, resumed with WatchJob
+when it breaks after), and artifact reassembly with SHA-256 checks. The two services' messages
+have the same shape but distinct types, so the oneof members are read by name here.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from kiln.common.v1 import artifact_pb2
+from kiln.common.v1 import artifact_pb2, job_pb2
+from kiln_client._resume import JobCursor
 from kiln_client.errors import ChecksumError, KilnError, error_from_rpc_error, error_from_status
 
 MAX_RETRY_DELAY_S = 10.0
@@ -46,66 +47,118 @@ def enum_value(enum: _EnumWrapper, prefix: str, value: str | int | None) -> int:
         raise ValueError(f"unknown value {value!r} for {prefix.rstrip('_').lower()}") from None
 
 
+def delivery(value: str | int | None) -> int:
+    """``"CHUNKED"``, ``"ARTIFACT_DELIVERY_CHUNKED"`` or a number → the ``ArtifactDelivery`` number."""
+    return enum_value(artifact_pb2.ArtifactDelivery, "ARTIFACT_DELIVERY_", value)
+
+
+def disconnect_policy(value: str | int | None) -> int:
+    """``"DETACH"``, ``"DISCONNECT_POLICY_DETACH"`` or a number → the ``DisconnectPolicy`` number."""
+    return enum_value(job_pb2.DisconnectPolicy, "DISCONNECT_POLICY_", value)
+
+
 def stream_events(
-    start: Callable[[], Iterator[EventT]],
+    open_call: Callable[[JobCursor], Iterator[EventT]],
+    cursor: JobCursor,
     *,
     retries: int,
+    on_first_event: Callable[[Any, JobCursor], None] | None = None,
+    on_abandon: Callable[[JobCursor], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> Iterator[EventT]:
-    """Yield a Generate stream's events, raising ``KilnError`` on a failure.
+) -> Generator[EventT]:
+    """Yield one job's events across the calls that carry them, raising ``KilnError`` on a failure.
 
-    Before the first event, a failure that a later try can fix (`retriable`) is retried up to
-    ``retries`` times, waiting the server's RetryInfo delay (capped at ``MAX_RETRY_DELAY_S``) or
-    a short exponential backoff. Once an event has arrived nothing is retried: the job exists.
+    ``open_call(cursor)`` starts the next call: ``Generate`` until the job exists, then
+    ``WatchJob`` after ``cursor.last_sequence``. Before the job exists, a failure that a later
+    try can fix (`retriable`) is retried up to ``retries`` times, waiting the server's RetryInfo
+    delay (capped at ``MAX_RETRY_DELAY_S``) or a short exponential backoff; a retried submit
+    carries the same ``client_request_id``, so the server attaches it to the job the first try
+    created. After that a broken stream is resumed while `JobCursor.resume_delay` allows, and
+    duplicates are dropped (`JobCursor.take`).
+
+    Args:
+        open_call: Starts the next call for the cursor.
+        cursor: The job's position; updated as events arrive.
+        retries: Retries before the job exists.
+        on_first_event: Called with each call and the cursor once the call's first event is in
+            (its initial metadata has arrived: the gateway's session header).
+        on_abandon: Called when the caller leaves before the job ended (it stopped iterating,
+            or an exception such as KeyboardInterrupt came through); not after a failure.
+        sleep: Waits between attempts (tests pass their own).
     """
     attempt = 0
     while True:
-        call = start()
-        received = finished = False
+        call = open_call(cursor)
+        first = True
         try:
             for event in call:
-                received = True
-                yield _checked(event)
-            finished = True
+                fresh = cursor.take(event)
+                if first:
+                    first = False
+                    if on_first_event is not None:
+                        on_first_event(call, cursor)
+                if fresh:
+                    yield _checked(event)
             return
         except grpc.RpcError as rpc_error:
-            finished = True
-            delay = _delay_before_retry(rpc_error, received=received, attempt=attempt, retries=retries)
-        finally:
-            if not finished and isinstance(call, grpc.RpcContext):
-                call.cancel()  # the consumer stopped early, or the job failed in-band
+            delay = _next_delay(cursor, rpc_error, attempt=attempt, retries=retries)
+        except KilnError:
+            _cancel(call)  # the job failed in-band, or its events did not add up
+            raise
+        except BaseException:
+            _cancel(call)
+            if on_abandon is not None and cursor.started and not cursor.ended:
+                on_abandon(cursor)
+            raise
         sleep(delay)
         attempt += 1
 
 
 async def astream_events(
-    start: Callable[[], AsyncIterator[EventT]],
+    open_call: Callable[[JobCursor], AsyncIterator[EventT]],
+    cursor: JobCursor,
     *,
     retries: int,
+    on_first_event: Callable[[Any, JobCursor], Awaitable[None]] | None = None,
+    on_abandon: Callable[[JobCursor], Awaitable[None]] | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> AsyncGenerator[EventT]:
-    """``stream_events`` for grpc.aio calls.
+    """``stream_events`` for grpc.aio calls: the same rules, with awaited hooks.
 
-    The same retry rule; the call is cancelled when the consumer stops early or the job fails in-band.
+    Leaving early is ``aclose()``, or the consuming task being cancelled.
     """
     attempt = 0
     while True:
-        call = start()
-        received = finished = False
+        call = open_call(cursor)
+        first = True
         try:
             async for event in call:
-                received = True
-                yield _checked(event)
-            finished = True
+                fresh = cursor.take(event)
+                if first:
+                    first = False
+                    if on_first_event is not None:
+                        await on_first_event(call, cursor)
+                if fresh:
+                    yield _checked(event)
             return
         except grpc.RpcError as rpc_error:
-            finished = True
-            delay = _delay_before_retry(rpc_error, received=received, attempt=attempt, retries=retries)
-        finally:
-            if not finished and isinstance(call, grpc.aio.Call):
-                call.cancel()
+            delay = _next_delay(cursor, rpc_error, attempt=attempt, retries=retries)
+        except KilnError:
+            _cancel(call)
+            raise
+        except BaseException:
+            _cancel(call)
+            if on_abandon is not None and cursor.started and not cursor.ended:
+                await on_abandon(cursor)
+            raise
         await sleep(delay)
         attempt += 1
+
+
+def _cancel(call: object) -> None:
+    """Cancel a call that is still running (no-op once it ended)."""
+    if isinstance(call, (grpc.RpcContext, grpc.aio.Call)):
+        call.cancel()
 
 
 def _checked(event: EventT) -> EventT:
@@ -115,12 +168,18 @@ def _checked(event: EventT) -> EventT:
     return event
 
 
-def _delay_before_retry(rpc_error: grpc.RpcError, *, received: bool, attempt: int, retries: int) -> float:
-    """Seconds to wait before the next attempt, or raise the call's `KilnError` if none is due."""
+def _next_delay(cursor: JobCursor, rpc_error: grpc.RpcError, *, attempt: int, retries: int) -> float:
+    """Seconds to wait before the next call, or raise the call's `KilnError` if none is due."""
     error = error_from_rpc_error(rpc_error)
-    if received or attempt >= retries or not retriable(error):
+    if cursor.started:
+        delay = cursor.resume_delay(error)
+    elif attempt < retries and retriable(error):
+        delay = _retry_delay(error, attempt)
+    else:
+        delay = None
+    if delay is None:
         raise error from rpc_error
-    return _retry_delay(error, attempt)
+    return delay
 
 
 def retriable(error: KilnError) -> bool:
@@ -147,11 +206,12 @@ def _retry_delay(error: KilnError, attempt: int) -> float:
 
 @dataclass(frozen=True)
 class Collected:
-    """A finished stream: the result message and the first artifact's bytes."""
+    """A finished stream: the job, the result message and the first artifact's bytes."""
 
     result: Any
     artifact: artifact_pb2.Artifact
     data: bytes | None
+    job_id: str = ""
 
 
 class Collector:
@@ -163,6 +223,7 @@ class Collector:
 
     def __init__(self) -> None:
         self._chunks: dict[str, bytearray] = {}
+        self.job_id = ""
         self.collected: Collected | None = None
 
     def add(self, event: Message) -> Collected | None:
@@ -173,7 +234,9 @@ class Collector:
             KilnError: The result holds no artifact.
         """
         kind = event.WhichOneof("event")
-        if kind == "chunk":
+        if kind == "accepted":
+            self.job_id = getattr(event, "accepted").job_id  # noqa: B009
+        elif kind == "chunk":
             chunk: artifact_pb2.ArtifactChunk = getattr(event, "chunk")  # noqa: B009
             buffer = self._chunks.setdefault(chunk.artifact_id, bytearray())
             if chunk.offset != len(buffer):
@@ -185,17 +248,36 @@ class Collector:
             if not artifacts:
                 raise KilnError("result without an artifact")
             artifact = artifacts[0]
-            data: bytes | None
+            data: bytes | None = None
+            chunks = self._chunks.pop(artifact.id, None)
             if artifact.inline_data:
                 data = artifact.inline_data
-            elif artifact.id in self._chunks:
-                data = bytes(self._chunks.pop(artifact.id))
-            else:
-                data = None
+            elif chunks is not None and (len(chunks) >= artifact.size_bytes or not artifact.size_bytes):
+                data = bytes(chunks)
+            # Else the bytes came by reference, or a compacted job's replay dropped its chunks
+            # (`bytes_missing`): they are fetched from storage, not guessed from a partial buffer.
             if data is not None:
                 verify(artifact, data)
-            self.collected = Collected(result=result, artifact=artifact, data=data)
+            self.collected = Collected(result=result, artifact=artifact, data=data, job_id=self.job_id)
         return self.collected
+
+
+#: Deliveries that always put the bytes in the stream, inline or as chunks, never by reference only.
+_BYTES_IN_STREAM = frozenset({artifact_pb2.ARTIFACT_DELIVERY_INLINE, artifact_pb2.ARTIFACT_DELIVERY_CHUNKED})
+
+
+def bytes_missing(collected: Collected, delivery: int) -> bool:
+    """Whether the stream should have carried the artifact's bytes but did not.
+
+    A finished job's retained events are compacted once nobody has watched it for a while: its
+    chunk events are dropped and inline bytes removed from the result (the artifact keeps its id
+    and URI). A replay of such a job lacks bytes that the request asked to travel in the stream
+    (INLINE or CHUNKED), or that the result says came as chunks; the caller fetches them from
+    storage. (With the default delivery, no bytes may also mean "by reference": left as it is.)
+    """
+    if collected.data is not None:
+        return False
+    return collected.artifact.chunk_count > 0 or delivery in _BYTES_IN_STREAM
 
 
 def collect(events: Iterator[Message]) -> Collected:

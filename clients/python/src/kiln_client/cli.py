@@ -4,6 +4,8 @@
     kiln mesh fox.png -o fox.glb --resolution 256
     kiln info
     kiln health --service mesh
+    kiln img2img photo.jpg -p "a fox" --detach && kiln jobs watch JOB_ID -o fox.png
+    kiln jobs list --state running
 
 ``--target`` (or ``KILN_TARGET``) names a model server or the gateway (default the gateway of
 ``make up``). Progress goes to stderr; ``--json`` prints every event to stdout as one JSON object
@@ -17,8 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,12 +29,12 @@ from google.protobuf.message import Message
 
 from kiln.common.v1 import service_info_pb2
 from kiln.img2img.v1 import img2img_service_pb2 as img2img_pb
-from kiln_client import _stream
-from kiln_client._base import DEFAULT_MAX_MESSAGE_BYTES, ServiceClient
+from kiln_client._base import DEFAULT_MAX_MESSAGE_BYTES
+from kiln_client._cli_io import SERVICES, LocalError, Output, connect, follow, write_artifact
+from kiln_client._cli_jobs import add_jobs_command, detach
 from kiln_client._download import write_atomically
 from kiln_client._img2img import Img2ImgClient, Img2ImgOptions, img2img_result
 from kiln_client._mesh import MeshClient, MeshOptions, mesh_result
-from kiln_client._progress import ProgressView
 from kiln_client.errors import KilnError
 from kiln_client.limits import DEFAULT_MAX_IMAGE_BYTES
 
@@ -41,7 +42,7 @@ DEFAULT_TARGET = "localhost:8080"
 EXIT_OK = 0
 EXIT_LOCAL_ERROR = 1  # a local file could not be read or written
 EXIT_USAGE = 2  # argparse's own
-EXIT_INTERRUPTED = 130  # Ctrl-C; the job is cancelled on the server
+EXIT_INTERRUPTED = 130  # Ctrl-C; a job this run started is cancelled on the server
 #: A failed call exits with 10 + its status code: 13 invalid argument, 14 deadline exceeded,
 #: 15 not found, 18 resource exhausted (busy), 19 failed precondition, 23 internal,
 #: 24 unavailable, 25 data loss (checksum mismatch).
@@ -49,42 +50,14 @@ EXIT_CODES: dict[grpc.StatusCode, int] = {
     code: 10 + int(code.value[0]) for code in grpc.StatusCode if code is not grpc.StatusCode.OK
 }
 
-SERVICES: dict[str, tuple[str, type[ServiceClient[Any]]]] = {
-    "img2img": ("kiln.img2img.v1.Img2ImgProvider", Img2ImgClient),
-    "mesh": ("kiln.mesh.v1.MeshProvider", MeshClient),
-}
-
-
-class LocalError(Exception):
-    """A problem on this machine (input unreadable, output folder missing)."""
-
-
-@dataclass
-class Output:
-    """Where the command writes: events and results (stdout) and people (stderr)."""
-
-    json: bool
-    quiet: bool
-    stdout: TextIO
-    stderr: TextIO
-
-    def event(self, message: Message) -> None:
-        if self.json:
-            fields = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
-            line = json.dumps(fields, separators=(",", ":"))
-            print(line, file=self.stdout, flush=True)
-
-    def say(self, text: str) -> None:
-        if not self.quiet:
-            print(text, file=self.stderr, flush=True)
-
 
 def _error_line(error: KilnError, target: str, timeout: float | None) -> str:
     """One line a person can act on."""
     code = error.code
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay_s is not None:
         return f"server busy, retry in {max(1, round(error.retry_delay_s))} s ({error.message})"
-    if code is grpc.StatusCode.UNAVAILABLE:
+    if code is grpc.StatusCode.UNAVAILABLE and error.reason in ("", "SHUTTING_DOWN"):
+        # No reason: the connection. Other reasons (REPLICA_LOST, STORAGE_UNAVAILABLE) say more below.
         return f"cannot use {target}: {error.message} (is the stack running? `make up`, or set --target)"
     if code is grpc.StatusCode.UNIMPLEMENTED:
         return f"{target} does not serve this call ({error.message}): point --target at that service or the gateway"
@@ -123,51 +96,6 @@ def _output_path(given: str | None, image: str, suffix: str) -> Path:
     return path
 
 
-def _connect(args: argparse.Namespace, client_type: type[ServiceClient[Any]]) -> ServiceClient[Any]:
-    credentials = None
-    if args.ca_file:
-        try:
-            credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.ca_file).read_bytes())
-        except OSError as error:
-            raise LocalError(f"cannot read --ca-file {args.ca_file}: {error.strerror or error}") from error
-    return client_type(
-        args.target,
-        timeout=args.timeout,
-        tls=args.tls,
-        credentials=credentials,
-        api_key=args.api_key,
-        retries=args.retries,
-        max_message_bytes=args.max_message_bytes,
-        max_image_bytes=args.max_image_bytes,
-    )
-
-
-def _follow(events: Iterator[Message], out: Output, on_event: Callable[[Message], None] | None = None) -> Any:
-    """Drive a stream: progress view, --json lines, chunk reassembly; returns the collected job."""
-    view = ProgressView(out.stderr, enabled=not (out.quiet or out.json))
-    collector = _stream.Collector()
-    try:
-        for event in events:
-            out.event(event)
-            view.update(event)
-            if on_event is not None:
-                on_event(event)
-            if (collected := collector.add(event)) is not None:
-                return collected
-    finally:
-        view.close()
-    raise KilnError("stream ended without a result")
-
-
-def _write(client: ServiceClient[Any], artifact: Any, data: bytes | None, path: Path) -> Path:
-    try:
-        if data is not None:
-            return write_atomically(path, data)
-        return client.download(artifact, path)
-    except OSError as error:
-        raise LocalError(f"cannot write {path}: {error.strerror or error}") from error
-
-
 def _img2img(args: argparse.Namespace, out: Output) -> int:
     image = _read_image(args.image)
     suffix = ".jpg" if args.format == "jpeg" else f".{args.format}"
@@ -190,12 +118,16 @@ def _img2img(args: argparse.Namespace, out: Output) -> int:
         if event.WhichOneof("event") == "progress" and event.progress.HasField("preview"):  # type: ignore[attr-defined]
             write_atomically(preview_path, event.progress.preview.data)  # type: ignore[attr-defined]
 
+    if args.detach:
+        options["on_disconnect"] = "DETACH"
     started = time.monotonic()
-    with _connect(args, Img2ImgClient) as client:
+    with connect(args, Img2ImgClient) as client:
         assert isinstance(client, Img2ImgClient)
         events = client.generate(image, prompt=args.prompt, **options)
-        result = img2img_result(_follow(events, out, save_preview if args.preview else None))
-        _write(client, result.artifact, result.image, path)
+        if args.detach:
+            return detach(client, events, out, args)
+        result = img2img_result(follow(events, out, save_preview if args.preview else None))
+        write_artifact(client, result.artifact, result.image, path)
     out.say(
         f"wrote {path} ({result.width}x{result.height}, seed {result.seed}, "
         f"{time.monotonic() - started:.1f} s)" + (f"; latest preview {preview_path}" if args.preview else "")
@@ -216,11 +148,16 @@ def _mesh(args: argparse.Namespace, out: Output) -> int:
         options["remove_background"] = "NEVER"
     if args.texture_resolution is not None:
         options["texture_resolution"] = args.texture_resolution
+    if args.detach:
+        options["on_disconnect"] = "DETACH"
     started = time.monotonic()
-    with _connect(args, MeshClient) as client:
+    with connect(args, MeshClient) as client:
         assert isinstance(client, MeshClient)
-        result = mesh_result(_follow(client.generate(image, **options), out))
-        _write(client, result.artifact, result.data, path)
+        events = client.generate(image, **options)
+        if args.detach:
+            return detach(client, events, out, args)
+        result = mesh_result(follow(events, out))
+        write_artifact(client, result.artifact, result.data, path)
     out.say(
         f"wrote {path} ({result.vertex_count} vertices, {result.face_count} faces, {time.monotonic() - started:.1f} s)"
     )
@@ -246,7 +183,7 @@ def _info(args: argparse.Namespace, out: Output) -> int:
     answered = 0
     for name in _selected(args):
         _, client_type = SERVICES[name]
-        with _connect(args, client_type) as client:
+        with connect(args, client_type) as client:
             try:
                 info = client.get_info()  # type: ignore[attr-defined]
             except KilnError as error:
@@ -282,7 +219,7 @@ def _health_of(args: argparse.Namespace, name: str) -> str | None:
     GetInfo readiness stands in for it.
     """
     grpc_name, client_type = SERVICES[name]
-    with _connect(args, client_type) as client:
+    with connect(args, client_type) as client:
         try:
             return client.check_health(grpc_name)
         except KilnError as error:
@@ -363,10 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="kiln",
-        description="Kiln from the command line: img2img, image-to-mesh, service info and health.",
+        description="Kiln from the command line: img2img, image-to-mesh, jobs by id, service info and health.",
         epilog="Exit status: 0 success, 1 local file problem, 2 usage, 130 interrupted, "
-        "10+<gRPC code> for a failed call (13 invalid argument, 14 deadline, 18 busy, 23 internal, "
-        "24 unavailable, 25 checksum mismatch).",
+        "10+<gRPC code> for a failed call (13 invalid argument, 14 deadline, 15 not found, 18 busy, "
+        "23 internal, 24 unavailable, 25 checksum mismatch).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -407,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument("--bake-texture", action="store_true", help="bake colours into a UV texture (GLB)")
     mesh.add_argument("--texture-resolution", type=int, help="baked texture size in pixels")
     mesh.set_defaults(run=_mesh)
+    for command in (img2img, mesh):
+        command.add_argument(
+            "--detach",
+            action="store_true",
+            help="submit, print the job id and exit; the job runs on (`kiln jobs watch JOB_ID` follows it)",
+        )
+        # Ctrl-C closes the stream, and the client cancels a job it started (CancelJob): a dropped
+        # connection is resumed instead, so only a person's Ctrl-C stops the work.
+        command.set_defaults(interrupted="interrupted; the job was cancelled")
 
     for name, run, text in (
         ("info", _info, "describe the model, readiness and load of each service"),
@@ -414,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, parents=[common], help=text)
         command.add_argument("--service", choices=["all", *SERVICES], default="all")
-        command.set_defaults(run=run)
+        command.set_defaults(run=run, interrupted="interrupted")
+    add_jobs_command(commands, common)
     return parser
 
 
@@ -445,7 +392,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         print(f"kiln: {error}", file=out.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("kiln: interrupted; the job was cancelled", file=out.stderr, flush=True)
+        print(f"kiln: {args.interrupted}", file=out.stderr, flush=True)
         return EXIT_INTERRUPTED
 
 

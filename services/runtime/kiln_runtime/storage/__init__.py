@@ -2,6 +2,9 @@
 
 from kiln_runtime.storage.backends import open_store
 from kiln_runtime.storage.base import (
+    JOB_CANCEL_NAME,
+    JOB_FILES,
+    JOB_RECORD_NAME,
     ArtifactNotFound,
     ArtifactStore,
     InvalidArtifactId,
@@ -14,6 +17,9 @@ from kiln_runtime.storage.base import (
 from kiln_runtime.storage.local import LocalArtifactStore
 
 __all__ = [
+    "JOB_CANCEL_NAME",
+    "JOB_FILES",
+    "JOB_RECORD_NAME",
     "ArtifactNotFound",
     "ArtifactStore",
     "InvalidArtifactId",

@@ -19,6 +19,12 @@ from typing import Any, Protocol, runtime_checkable
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _JOB_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: The job's own record (kiln_runtime.job_api) beside its artifacts; not an artifact itself.
+JOB_RECORD_NAME = "job.json"
+#: A CancelJob that reached a replica not running the job, left for the one that does.
+JOB_CANCEL_NAME = "cancel.json"
+#: The job's own files: the artifact service never serves them.
+JOB_FILES = frozenset({JOB_RECORD_NAME, JOB_CANCEL_NAME})
 
 
 class InvalidArtifactId(ValueError):
@@ -157,6 +163,10 @@ class ArtifactStore(Protocol):
 
     def delete_job(self, job_id: str) -> None:
         """Remove every artifact of a job; deleting a job that has none is not an error."""
+        ...
+
+    def job_ids(self) -> list[str]:
+        """The ids of the jobs that have anything stored, in no particular order (ListJobs)."""
         ...
 
     def cleanup(self, older_than_s: float, *, now: float | None = None) -> int:

@@ -95,6 +95,13 @@ class LocalArtifactStore:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self._job_dir(validate_job_id(job_id)))
 
+    def job_ids(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self._root))
+        except FileNotFoundError:
+            return []
+        return [entry.name for entry in entries if entry.is_dir(follow_symlinks=False) and _is_job_id(entry.name)]
+
     def cleanup(self, older_than_s: float, *, now: float | None = None) -> int:
         cutoff = (time.time() if now is None else now) - older_than_s
         try:

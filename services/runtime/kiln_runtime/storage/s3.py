@@ -205,6 +205,16 @@ class S3ArtifactStore:
         self._delete([k for k in keys if not k.endswith(_META_SUFFIX)])
         self._abort_uploads(f"{self.prefix}{job_id}/", cutoff=math.inf)
 
+    def job_ids(self) -> list[str]:
+        # From the objects, not from delimiter prefixes: some servers (SeaweedFS) keep an emptied
+        # "folder" as a prefix after its objects are deleted.
+        ids = set()
+        for obj in self._objects(self.prefix):
+            job_id, _, name = obj["Key"][len(self.prefix) :].partition("/")
+            if name and _is_job_id(job_id):
+                ids.add(job_id)
+        return list(ids)
+
     def cleanup(self, older_than_s: float, *, now: float | None = None) -> int:
         cutoff = (time.time() if now is None else now) - older_than_s
         jobs: dict[str, dict[str, float]] = defaultdict(dict)

@@ -166,6 +166,31 @@ class ServiceMetrics:
             registry=self.registry,
         ).labels(service=service)
 
+        self.jobs = Gauge(
+            "kiln_jobs",
+            "Jobs this server holds in memory (running, and finished ones retained for GetJob), by state.",
+            ["service", "state"],
+            registry=self.registry,
+        )
+        self.jobs_retained_bytes = Gauge(
+            "kiln_jobs_retained_bytes",
+            "Approximate bytes of events (previews, chunks, inline results) held for replay to watchers.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+        self.jobs_finished = Counter(
+            "kiln_jobs_finished",
+            "Jobs that reached a terminal state, by state: succeeded, failed or cancelled.",
+            ["service", "state"],
+            registry=self.registry,
+        )
+        self.jobs_abandoned = Counter(
+            "kiln_jobs_abandoned",
+            "Jobs cancelled because no stream watched them within the disconnect grace period.",
+            ["service"],
+            registry=self.registry,
+        ).labels(service=service)
+
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Record one finished call: count it under its status code and observe its duration.
 

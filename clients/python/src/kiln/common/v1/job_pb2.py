@@ -24,9 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kiln/common/v1/job.proto\x12\x0ekiln.common.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\">\n\x08\x41\x63\x63\x65pted\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0equeue_position\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\"N\n\x06Queued\x12\x16\n\x08position\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12,\n\x03\x65ta\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\"b\n\x07Preview\x12\x18\n\nmedia_type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05width\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06height\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\"\xdb\x01\n\x08Progress\x12*\n\x05stage\x18\x01 \x01(\x0e\x32\x15.kiln.common.v1.StageB\x04\xe2\x41\x01\x03\x12\x12\n\x04step\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0btotal_steps\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66raction\x18\x04 \x01(\x02\x42\x04\xe2\x41\x01\x03\x12,\n\x03\x65ta\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12.\n\x07preview\x18\x06 \x01(\x0b\x32\x17.kiln.common.v1.PreviewB\x04\xe2\x41\x01\x03\"U\n\x0bPhaseTiming\x12\x13\n\x05phase\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x31\n\x08\x64uration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\"\xce\x02\n\nProvenance\x12\x16\n\x08provider\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08model_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0emodel_revision\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x64\x65vice\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x64type\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12O\n\x10library_versions\x18\x06 \x03(\x0b\x32/.kiln.common.v1.Provenance.LibraryVersionsEntryB\x04\xe2\x41\x01\x03\x12>\n\x0freproducibility\x18\x07 \x01(\x0e\x32\x1f.kiln.common.v1.ReproducibilityB\x04\xe2\x41\x01\x03\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xab\x02\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x14\n\x10STAGE_PREPROCESS\x10\x01\x12\x11\n\rSTAGE_DENOISE\x10\x02\x12\x10\n\x0cSTAGE_DECODE\x10\x03\x12\x1b\n\x17STAGE_REMOVE_BACKGROUND\x10\x04\x12\x10\n\x0cSTAGE_ENCODE\x10\x05\x12\x11\n\rSTAGE_EXTRACT\x10\x06\x12\x10\n\x0cSTAGE_EXPORT\x10\x07\x12\x15\n\x11STAGE_POSTPROCESS\x10\x08\x12\x1a\n\x16STAGE_VENDOR_SUBMITTED\x10\t\x12\x18\n\x14STAGE_VENDOR_WAITING\x10\n\x12\x19\n\x15STAGE_VENDOR_RECEIVED\x10\x0b\x12\x14\n\x10STAGE_LOAD_MODEL\x10\x0c*\x98\x01\n\x0fReproducibility\x12\x1f\n\x1bREPRODUCIBILITY_UNSPECIFIED\x10\x00\x12)\n%REPRODUCIBILITY_BITWISE_SAME_HARDWARE\x10\x01\x12\x1f\n\x1bREPRODUCIBILITY_BEST_EFFORT\x10\x02\x12\x18\n\x14REPRODUCIBILITY_NONE\x10\x03*\xad\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x19\n\x15\x45RROR_REASON_CAPACITY\x10\x02\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_READY\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x04\x12\x1a\n\x16\x45RROR_REASON_CANCELLED\x10\x05\x12 \n\x1c\x45RROR_REASON_PROVIDER_FAILED\x10\x06\x12&\n\"ERROR_REASON_CONTENT_BLOCKED_INPUT\x10\x07\x12\'\n#ERROR_REASON_CONTENT_BLOCKED_OUTPUT\x10\x08\x12\"\n\x1e\x45RROR_REASON_NO_IMAGE_PRODUCED\x10\t\x12#\n\x1f\x45RROR_REASON_VENDOR_UNAVAILABLE\x10\n\x12\x1c\n\x18\x45RROR_REASON_VENDOR_AUTH\x10\x0b\x12\x1d\n\x19\x45RROR_REASON_VENDOR_QUOTA\x10\x0c\x12#\n\x1f\x45RROR_REASON_ARTIFACT_TOO_LARGE\x10\r\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0e\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\x0f\x12\x1d\n\x19\x45RROR_REASON_STORAGE_FULL\x10\x10\x12$\n ERROR_REASON_STORAGE_UNAVAILABLE\x10\x11\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x12\x12&\n\"ERROR_REASON_RANGE_NOT_SATISFIABLE\x10\x13\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kiln/common/v1/job.proto\x12\x0ekiln.common.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\">\n\x08\x41\x63\x63\x65pted\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0equeue_position\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\"N\n\x06Queued\x12\x16\n\x08position\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12,\n\x03\x65ta\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\"b\n\x07Preview\x12\x18\n\nmedia_type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05width\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06height\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\"\xdb\x01\n\x08Progress\x12*\n\x05stage\x18\x01 \x01(\x0e\x32\x15.kiln.common.v1.StageB\x04\xe2\x41\x01\x03\x12\x12\n\x04step\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0btotal_steps\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66raction\x18\x04 \x01(\x02\x42\x04\xe2\x41\x01\x03\x12,\n\x03\x65ta\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12.\n\x07preview\x18\x06 \x01(\x0b\x32\x17.kiln.common.v1.PreviewB\x04\xe2\x41\x01\x03\"U\n\x0bPhaseTiming\x12\x13\n\x05phase\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x31\n\x08\x64uration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\"\xce\x02\n\nProvenance\x12\x16\n\x08provider\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08model_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0emodel_revision\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x64\x65vice\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x64type\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12O\n\x10library_versions\x18\x06 \x03(\x0b\x32/.kiln.common.v1.Provenance.LibraryVersionsEntryB\x04\xe2\x41\x01\x03\x12>\n\x0freproducibility\x18\x07 \x01(\x0e\x32\x1f.kiln.common.v1.ReproducibilityB\x04\xe2\x41\x01\x03\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xee\x04\n\tJobStatus\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x18.kiln.common.v1.JobStateB\x04\xe2\x41\x01\x03\x12\x1c\n\x0equeue_position\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x32\n\tqueue_eta\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12\x30\n\x08progress\x18\x05 \x01(\x0b\x32\x18.kiln.common.v1.ProgressB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\n \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x1f\n\x11\x63lient_request_id\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rlast_sequence\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08watchers\x18\r \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x41\n\x11\x64isconnect_policy\x18\x0e \x01(\x0e\x32 .kiln.common.v1.DisconnectPolicyB\x04\xe2\x41\x01\x03*\xab\x02\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x14\n\x10STAGE_PREPROCESS\x10\x01\x12\x11\n\rSTAGE_DENOISE\x10\x02\x12\x10\n\x0cSTAGE_DECODE\x10\x03\x12\x1b\n\x17STAGE_REMOVE_BACKGROUND\x10\x04\x12\x10\n\x0cSTAGE_ENCODE\x10\x05\x12\x11\n\rSTAGE_EXTRACT\x10\x06\x12\x10\n\x0cSTAGE_EXPORT\x10\x07\x12\x15\n\x11STAGE_POSTPROCESS\x10\x08\x12\x1a\n\x16STAGE_VENDOR_SUBMITTED\x10\t\x12\x18\n\x14STAGE_VENDOR_WAITING\x10\n\x12\x19\n\x15STAGE_VENDOR_RECEIVED\x10\x0b\x12\x14\n\x10STAGE_LOAD_MODEL\x10\x0c*\x98\x01\n\x0fReproducibility\x12\x1f\n\x1bREPRODUCIBILITY_UNSPECIFIED\x10\x00\x12)\n%REPRODUCIBILITY_BITWISE_SAME_HARDWARE\x10\x01\x12\x1f\n\x1bREPRODUCIBILITY_BEST_EFFORT\x10\x02\x12\x18\n\x14REPRODUCIBILITY_NONE\x10\x03*\xcc\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x19\n\x15\x45RROR_REASON_CAPACITY\x10\x02\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_READY\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x04\x12\x1a\n\x16\x45RROR_REASON_CANCELLED\x10\x05\x12 \n\x1c\x45RROR_REASON_PROVIDER_FAILED\x10\x06\x12&\n\"ERROR_REASON_CONTENT_BLOCKED_INPUT\x10\x07\x12\'\n#ERROR_REASON_CONTENT_BLOCKED_OUTPUT\x10\x08\x12\"\n\x1e\x45RROR_REASON_NO_IMAGE_PRODUCED\x10\t\x12#\n\x1f\x45RROR_REASON_VENDOR_UNAVAILABLE\x10\n\x12\x1c\n\x18\x45RROR_REASON_VENDOR_AUTH\x10\x0b\x12\x1d\n\x19\x45RROR_REASON_VENDOR_QUOTA\x10\x0c\x12#\n\x1f\x45RROR_REASON_ARTIFACT_TOO_LARGE\x10\r\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0e\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\x0f\x12\x1d\n\x19\x45RROR_REASON_STORAGE_FULL\x10\x10\x12$\n ERROR_REASON_STORAGE_UNAVAILABLE\x10\x11\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x12\x12&\n\"ERROR_REASON_RANGE_NOT_SATISFIABLE\x10\x13\x12\x1d\n\x19\x45RROR_REASON_REPLICA_LOST\x10\x14*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\x99\x01\n\x10\x44isconnectPolicy\x12!\n\x1d\x44ISCONNECT_POLICY_UNSPECIFIED\x10\x00\x12&\n\"DISCONNECT_POLICY_WAIT_FOR_WATCHER\x10\x01\x12\x1c\n\x18\x44ISCONNECT_POLICY_CANCEL\x10\x02\x12\x1c\n\x18\x44ISCONNECT_POLICY_DETACH\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -81,24 +83,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROVENANCE'].fields_by_name['library_versions']._serialized_options = b'\342A\001\003'
   _globals['_PROVENANCE'].fields_by_name['reproducibility']._loaded_options = None
   _globals['_PROVENANCE'].fields_by_name['reproducibility']._serialized_options = b'\342A\001\003'
-  _globals['_STAGE']._serialized_start=1000
-  _globals['_STAGE']._serialized_end=1299
-  _globals['_REPRODUCIBILITY']._serialized_start=1302
-  _globals['_REPRODUCIBILITY']._serialized_end=1454
-  _globals['_ERRORREASON']._serialized_start=1457
-  _globals['_ERRORREASON']._serialized_end=2142
-  _globals['_ACCEPTED']._serialized_start=109
-  _globals['_ACCEPTED']._serialized_end=171
-  _globals['_QUEUED']._serialized_start=173
-  _globals['_QUEUED']._serialized_end=251
-  _globals['_PREVIEW']._serialized_start=253
-  _globals['_PREVIEW']._serialized_end=351
-  _globals['_PROGRESS']._serialized_start=354
-  _globals['_PROGRESS']._serialized_end=573
-  _globals['_PHASETIMING']._serialized_start=575
-  _globals['_PHASETIMING']._serialized_end=660
-  _globals['_PROVENANCE']._serialized_start=663
-  _globals['_PROVENANCE']._serialized_end=997
-  _globals['_PROVENANCE_LIBRARYVERSIONSENTRY']._serialized_start=943
-  _globals['_PROVENANCE_LIBRARYVERSIONSENTRY']._serialized_end=997
+  _globals['_JOBSTATUS'].fields_by_name['job_id']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['job_id']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['state']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['queue_position']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['queue_position']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['queue_eta']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['queue_eta']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['progress']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['progress']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['create_time']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['start_time']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['start_time']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['end_time']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['end_time']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['error']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['error']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['client_request_id']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['client_request_id']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['last_sequence']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['last_sequence']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['watchers']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['watchers']._serialized_options = b'\342A\001\003'
+  _globals['_JOBSTATUS'].fields_by_name['disconnect_policy']._loaded_options = None
+  _globals['_JOBSTATUS'].fields_by_name['disconnect_policy']._serialized_options = b'\342A\001\003'
+  _globals['_STAGE']._serialized_start=1683
+  _globals['_STAGE']._serialized_end=1982
+  _globals['_REPRODUCIBILITY']._serialized_start=1985
+  _globals['_REPRODUCIBILITY']._serialized_end=2137
+  _globals['_ERRORREASON']._serialized_start=2140
+  _globals['_ERRORREASON']._serialized_end=2856
+  _globals['_JOBSTATE']._serialized_start=2859
+  _globals['_JOBSTATE']._serialized_end=3013
+  _globals['_DISCONNECTPOLICY']._serialized_start=3016
+  _globals['_DISCONNECTPOLICY']._serialized_end=3169
+  _globals['_ACCEPTED']._serialized_start=167
+  _globals['_ACCEPTED']._serialized_end=229
+  _globals['_QUEUED']._serialized_start=231
+  _globals['_QUEUED']._serialized_end=309
+  _globals['_PREVIEW']._serialized_start=311
+  _globals['_PREVIEW']._serialized_end=409
+  _globals['_PROGRESS']._serialized_start=412
+  _globals['_PROGRESS']._serialized_end=631
+  _globals['_PHASETIMING']._serialized_start=633
+  _globals['_PHASETIMING']._serialized_end=718
+  _globals['_PROVENANCE']._serialized_start=721
+  _globals['_PROVENANCE']._serialized_end=1055
+  _globals['_PROVENANCE_LIBRARYVERSIONSENTRY']._serialized_start=1001
+  _globals['_PROVENANCE_LIBRARYVERSIONSENTRY']._serialized_end=1055
+  _globals['_JOBSTATUS']._serialized_start=1058
+  _globals['_JOBSTATUS']._serialized_end=1680
 # @@protoc_insertion_point(module_scope)

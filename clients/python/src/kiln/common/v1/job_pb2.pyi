@@ -2,6 +2,8 @@ import datetime
 
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -56,6 +58,23 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_STORAGE_UNAVAILABLE: _ClassVar[ErrorReason]
     ERROR_REASON_NOT_FOUND: _ClassVar[ErrorReason]
     ERROR_REASON_RANGE_NOT_SATISFIABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_REPLICA_LOST: _ClassVar[ErrorReason]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class DisconnectPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DISCONNECT_POLICY_UNSPECIFIED: _ClassVar[DisconnectPolicy]
+    DISCONNECT_POLICY_WAIT_FOR_WATCHER: _ClassVar[DisconnectPolicy]
+    DISCONNECT_POLICY_CANCEL: _ClassVar[DisconnectPolicy]
+    DISCONNECT_POLICY_DETACH: _ClassVar[DisconnectPolicy]
 STAGE_UNSPECIFIED: Stage
 STAGE_PREPROCESS: Stage
 STAGE_DENOISE: Stage
@@ -93,6 +112,17 @@ ERROR_REASON_STORAGE_FULL: ErrorReason
 ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason
 ERROR_REASON_NOT_FOUND: ErrorReason
 ERROR_REASON_RANGE_NOT_SATISFIABLE: ErrorReason
+ERROR_REASON_REPLICA_LOST: ErrorReason
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
+DISCONNECT_POLICY_UNSPECIFIED: DisconnectPolicy
+DISCONNECT_POLICY_WAIT_FOR_WATCHER: DisconnectPolicy
+DISCONNECT_POLICY_CANCEL: DisconnectPolicy
+DISCONNECT_POLICY_DETACH: DisconnectPolicy
 
 class Accepted(_message.Message):
     __slots__ = ("job_id", "queue_position")
@@ -170,3 +200,35 @@ class Provenance(_message.Message):
     library_versions: _containers.ScalarMap[str, str]
     reproducibility: Reproducibility
     def __init__(self, provider: _Optional[str] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., reproducibility: _Optional[_Union[Reproducibility, str]] = ...) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job_id", "state", "queue_position", "queue_eta", "progress", "create_time", "start_time", "end_time", "expire_time", "error", "client_request_id", "last_sequence", "watchers", "disconnect_policy")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_ETA_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WATCHERS_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    queue_position: int
+    queue_eta: _duration_pb2.Duration
+    progress: Progress
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    expire_time: _timestamp_pb2.Timestamp
+    error: _status_pb2.Status
+    client_request_id: str
+    last_sequence: int
+    watchers: int
+    disconnect_policy: DisconnectPolicy
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., queue_eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., client_request_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., watchers: _Optional[int] = ..., disconnect_policy: _Optional[_Union[DisconnectPolicy, str]] = ...) -> None: ...

@@ -30,7 +30,7 @@ from kiln.common.v1 import job_pb2 as kiln_dot_common_dot_v1_dot_job__pb2
 from kiln.common.v1 import service_info_pb2 as kiln_dot_common_dot_v1_dot_service__info__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%kiln/img2img/v1/img2img_service.proto\x12\x0fkiln.img2img.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\x1a\x1dkiln/common/v1/artifact.proto\x1a\x18kiln/common/v1/job.proto\x1a!kiln/common/v1/service_info.proto\"\x8d\x04\n\x0fGenerateRequest\x12\x13\n\x05image\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x14\n\x06prompt\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0fnegative_prompt\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\x08strength\x18\x04 \x01(\x02\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12&\n\x13num_inference_steps\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12!\n\x0eguidance_scale\x18\x06 \x01(\x02\x42\x04\xe2\x41\x01\x01H\x02\x88\x01\x01\x12\x17\n\x04seed\x18\x07 \x01(\rB\x04\xe2\x41\x01\x01H\x03\x88\x01\x01\x12\x33\n\tscheduler\x18\x08 \x01(\x0e\x32\x1a.kiln.img2img.v1.SchedulerB\x04\xe2\x41\x01\x02\x12\x39\n\routput_format\x18\t \x01(\x0e\x32\x1c.kiln.img2img.v1.ImageFormatB\x04\xe2\x41\x01\x02\x12#\n\x15preview_every_n_steps\x18\n \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x38\n\x08\x64\x65livery\x18\x0b \x01(\x0e\x32 .kiln.common.v1.ArtifactDeliveryB\x04\xe2\x41\x01\x01\x12\x1f\n\x11\x63lient_request_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x01\x42\x0b\n\t_strengthB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"\xe0\x02\n\x13\x45\x66\x66\x65\x63tiveParameters\x12\x14\n\x06prompt\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10prompt_truncated\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnegative_prompt\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08strength\x18\x04 \x01(\x02\x42\x04\xe2\x41\x01\x03\x12!\n\x13num_inference_steps\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\tsteps_run\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0eguidance_scale\x18\x07 \x01(\x02\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04seed\x18\x08 \x01(\rB\x04\xe2\x41\x01\x03\x12\x33\n\tscheduler\x18\t \x01(\x0e\x32\x1a.kiln.img2img.v1.SchedulerB\x04\xe2\x41\x01\x03\x12\x39\n\routput_format\x18\n \x01(\x0e\x32\x1c.kiln.img2img.v1.ImageFormatB\x04\xe2\x41\x01\x03\"\x90\x02\n\x06Result\x12\x31\n\tartifacts\x18\x01 \x03(\x0b\x32\x18.kiln.common.v1.ArtifactB\x04\xe2\x41\x01\x03\x12>\n\nparameters\x18\x02 \x01(\x0b\x32$.kiln.img2img.v1.EffectiveParametersB\x04\xe2\x41\x01\x03\x12\x34\n\nprovenance\x18\x03 \x01(\x0b\x32\x1a.kiln.common.v1.ProvenanceB\x04\xe2\x41\x01\x03\x12\x32\n\x07timings\x18\x04 \x03(\x0b\x32\x1b.kiln.common.v1.PhaseTimingB\x04\xe2\x41\x01\x03\x12\x13\n\x05width\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06height\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\"\xa1\x02\n\x10GenerateResponse\x12,\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x18.kiln.common.v1.AcceptedH\x00\x12(\n\x06queued\x18\x02 \x01(\x0b\x32\x16.kiln.common.v1.QueuedH\x00\x12,\n\x08progress\x18\x03 \x01(\x0b\x32\x18.kiln.common.v1.ProgressH\x00\x12.\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x1d.kiln.common.v1.ArtifactChunkH\x00\x12)\n\x06result\x18\x05 \x01(\x0b\x32\x17.kiln.img2img.v1.ResultH\x00\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x07\n\x05\x65vent\"\x10\n\x0eGetInfoRequest\"\x8e\x03\n\x0fParameterRanges\x12\x32\n\x08strength\x18\x01 \x01(\x0b\x32\x1a.kiln.common.v1.FloatRangeB\x04\xe2\x41\x01\x03\x12;\n\x13num_inference_steps\x18\x02 \x01(\x0b\x32\x18.kiln.common.v1.IntRangeB\x04\xe2\x41\x01\x03\x12\x38\n\x0eguidance_scale\x18\x03 \x01(\x0b\x32\x1a.kiln.common.v1.FloatRangeB\x04\xe2\x41\x01\x03\x12=\n\x15preview_every_n_steps\x18\x04 \x01(\x0b\x32\x18.kiln.common.v1.IntRangeB\x04\xe2\x41\x01\x03\x12\x34\n\nschedulers\x18\x05 \x03(\x0e\x32\x1a.kiln.img2img.v1.SchedulerB\x04\xe2\x41\x01\x03\x12:\n\x0eoutput_formats\x18\x06 \x03(\x0e\x32\x1c.kiln.img2img.v1.ImageFormatB\x04\xe2\x41\x01\x03\x12\x1f\n\x11max_prompt_tokens\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\"\xb1\x01\n\x0fGetInfoResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x19.kiln.common.v1.ModelInfoB\x04\xe2\x41\x01\x03\x12\x32\n\x06limits\x18\x02 \x01(\x0b\x32\x1c.kiln.common.v1.ServerLimitsB\x04\xe2\x41\x01\x03\x12:\n\nparameters\x18\x03 \x01(\x0b\x32 .kiln.img2img.v1.ParameterRangesB\x04\xe2\x41\x01\x03*\xad\x01\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x16\n\x12SCHEDULER_DPMPP_2M\x10\x01\x12\x13\n\x0fSCHEDULER_EULER\x10\x02\x12\x1d\n\x19SCHEDULER_EULER_ANCESTRAL\x10\x03\x12\x12\n\x0eSCHEDULER_DDIM\x10\x04\x12\x12\n\x0eSCHEDULER_PNDM\x10\x05\x12\x11\n\rSCHEDULER_LMS\x10\x06*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x32\xed\x01\n\x0fImg2ImgProvider\x12r\n\x08Generate\x12 .kiln.img2img.v1.GenerateRequest\x1a!.kiln.img2img.v1.GenerateResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/img2img:generate:\x01*0\x01\x12\x66\n\x07GetInfo\x12\x1f.kiln.img2img.v1.GetInfoRequest\x1a .kiln.img2img.v1.GetInfoResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/img2img/infob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%kiln/img2img/v1/img2img_service.proto\x12\x0fkiln.img2img.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\x1a\x1dkiln/common/v1/artifact.proto\x1a\x18kiln/common/v1/job.proto\x1a!kiln/common/v1/service_info.proto\"\xcc\x04\n\x0fGenerateRequest\x12\x13\n\x05image\x18\x01 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x14\n\x06prompt\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0fnegative_prompt\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\x08strength\x18\x04 \x01(\x02\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12&\n\x13num_inference_steps\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12!\n\x0eguidance_scale\x18\x06 \x01(\x02\x42\x04\xe2\x41\x01\x01H\x02\x88\x01\x01\x12\x17\n\x04seed\x18\x07 \x01(\rB\x04\xe2\x41\x01\x01H\x03\x88\x01\x01\x12\x33\n\tscheduler\x18\x08 \x01(\x0e\x32\x1a.kiln.img2img.v1.SchedulerB\x04\xe2\x41\x01\x02\x12\x39\n\routput_format\x18\t \x01(\x0e\x32\x1c.kiln.img2img.v1.ImageFormatB\x04\xe2\x41\x01\x02\x12#\n\x15preview_every_n_steps\x18\n \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x38\n\x08\x64\x65livery\x18\x0b \x01(\x0e\x32 .kiln.common.v1.ArtifactDeliveryB\x04\xe2\x41\x01\x01\x12\x1f\n\x11\x63lient_request_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x01\x12=\n\ron_disconnect\x18\r \x01(\x0e\x32 .kiln.common.v1.DisconnectPolicyB\x04\xe2\x41\x01\x01\x42\x0b\n\t_strengthB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"\xe0\x02\n\x13\x45\x66\x66\x65\x63tiveParameters\x12\x14\n\x06prompt\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10prompt_truncated\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnegative_prompt\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08strength\x18\x04 \x01(\x02\x42\x04\xe2\x41\x01\x03\x12!\n\x13num_inference_steps\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\tsteps_run\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0eguidance_scale\x18\x07 \x01(\x02\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04seed\x18\x08 \x01(\rB\x04\xe2\x41\x01\x03\x12\x33\n\tscheduler\x18\t \x01(\x0e\x32\x1a.kiln.img2img.v1.SchedulerB\x04\xe2\x41\x01\x03\x12\x39\n\routput_format\x18\n \x01(\x0e\x32\x1c.kiln.img2img.v1.ImageFormatB\x04\xe2\x41\x01\x03\"\x90\x02\n\x06Result\x12\x31\n\tartifacts\x18\x01 \x03(\x0b\x32\x18.kiln.common.v1.ArtifactB\x04\xe2\x41\x01\x03\x12>\n\nparameters\x18\x02 \x01(\x0b\x32$.kiln.img2img.v1.EffectiveParametersB\x04\xe2\x41\x01\x03\x12\x34\n\nprovenance\x18\x03 \x01(\x0b\x32\x1a.kiln.common.v1.ProvenanceB\x04\xe2\x41\x01\x03\x12\x32\n\x07timings\x18\x04 \x03(\x0b\x32\x1b.kiln.common.v1.PhaseTimingB\x04\xe2\x41\x01\x03\x12\x13\n\x05width\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06height\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\"\xb9\x02\n\x10GenerateResponse\x12,\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x18.kiln.common.v1.AcceptedH\x00\x12(\n\x06queued\x18\x02 \x01(\x0b\x32\x16.kiln.common.v1.QueuedH\x00\x12,\n\x08progress\x18\x03 \x01(\x0b\x32\x18.kiln.common.v1.ProgressH\x00\x12.\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x1d.kiln.common.v1.ArtifactChunkH\x00\x12)\n\x06result\x18\x05 \x01(\x0b\x32\x17.kiln.img2img.v1.ResultH\x00\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x16\n\x08sequence\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x42\x07\n\x05\x65vent\"\x10\n\x0eGetInfoRequest\"\x8e\x03\n\x0fParameterRanges\x12\x32\n\x08strength\x18\x01 \x01(\x0b\x32\x1a.kiln.common.v1.FloatRangeB\x04\xe2\x41\x01\x03\x12;\n\x13num_inference_steps\x18\x02 \x01(\x0b\x32\x18.kiln.common.v1.IntRangeB\x04\xe2\x41\x01\x03\x12\x38\n\x0eguidance_scale\x18\x03 \x01(\x0b\x32\x1a.kiln.common.v1.FloatRangeB\x04\xe2\x41\x01\x03\x12=\n\x15preview_every_n_steps\x18\x04 \x01(\x0b\x32\x18.kiln.common.v1.IntRangeB\x04\xe2\x41\x01\x03\x12\x34\n\nschedulers\x18\x05 \x03(\x0e\x32\x1a.kiln.img2img.v1.SchedulerB\x04\xe2\x41\x01\x03\x12:\n\x0eoutput_formats\x18\x06 \x03(\x0e\x32\x1c.kiln.img2img.v1.ImageFormatB\x04\xe2\x41\x01\x03\x12\x1f\n\x11max_prompt_tokens\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\"\xb1\x01\n\x0fGetInfoResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x19.kiln.common.v1.ModelInfoB\x04\xe2\x41\x01\x03\x12\x32\n\x06limits\x18\x02 \x01(\x0b\x32\x1c.kiln.common.v1.ServerLimitsB\x04\xe2\x41\x01\x03\x12:\n\nparameters\x18\x03 \x01(\x0b\x32 .kiln.img2img.v1.ParameterRangesB\x04\xe2\x41\x01\x03\"\x9e\x01\n\x03Job\x12/\n\x06status\x18\x01 \x01(\x0b\x32\x19.kiln.common.v1.JobStatusB\x04\xe2\x41\x01\x03\x12\x37\n\x07request\x18\x02 \x01(\x0b\x32 .kiln.img2img.v1.GenerateRequestB\x04\xe2\x41\x01\x03\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x17.kiln.img2img.v1.ResultB\x04\xe2\x41\x01\x03\"%\n\rGetJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x0eGetJobResponse\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x14.kiln.img2img.v1.JobB\x04\xe2\x41\x01\x03\"E\n\x0fWatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"(\n\x10\x43\x61ncelJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"<\n\x11\x43\x61ncelJobResponse\x12\'\n\x03job\x18\x01 \x01(\x0b\x32\x14.kiln.img2img.v1.JobB\x04\xe2\x41\x01\x03\"t\n\x0fListJobsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12.\n\x06states\x18\x03 \x03(\x0e\x32\x18.kiln.common.v1.JobStateB\x04\xe2\x41\x01\x01\"[\n\x10ListJobsResponse\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.kiln.img2img.v1.JobB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03*\xad\x01\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x16\n\x12SCHEDULER_DPMPP_2M\x10\x01\x12\x13\n\x0fSCHEDULER_EULER\x10\x02\x12\x1d\n\x19SCHEDULER_EULER_ANCESTRAL\x10\x03\x12\x12\n\x0eSCHEDULER_DDIM\x10\x04\x12\x12\n\x0eSCHEDULER_PNDM\x10\x05\x12\x11\n\rSCHEDULER_LMS\x10\x06*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x32\xc3\x05\n\x0fImg2ImgProvider\x12r\n\x08Generate\x12 .kiln.img2img.v1.GenerateRequest\x1a!.kiln.img2img.v1.GenerateResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/img2img:generate:\x01*0\x01\x12\x66\n\x07GetInfo\x12\x1f.kiln.img2img.v1.GetInfoRequest\x1a .kiln.img2img.v1.GetInfoResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/img2img/info\x12l\n\x06GetJob\x12\x1e.kiln.img2img.v1.GetJobRequest\x1a\x1f.kiln.img2img.v1.GetJobResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/img2img/jobs/{job_id}\x12z\n\x08WatchJob\x12 .kiln.img2img.v1.WatchJobRequest\x1a!.kiln.img2img.v1.GenerateResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/img2img/jobs/{job_id}:watch0\x01\x12\x7f\n\tCancelJob\x12!.kiln.img2img.v1.CancelJobRequest\x1a\".kiln.img2img.v1.CancelJobResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/img2img/jobs/{job_id}:cancel:\x01*\x12i\n\x08ListJobs\x12 .kiln.img2img.v1.ListJobsRequest\x1a!.kiln.img2img.v1.ListJobsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/img2img/jobsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,6 +61,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST'].fields_by_name['delivery']._serialized_options = b'\342A\001\001'
   _globals['_GENERATEREQUEST'].fields_by_name['client_request_id']._loaded_options = None
   _globals['_GENERATEREQUEST'].fields_by_name['client_request_id']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATEREQUEST'].fields_by_name['on_disconnect']._loaded_options = None
+  _globals['_GENERATEREQUEST'].fields_by_name['on_disconnect']._serialized_options = b'\342A\001\001'
   _globals['_EFFECTIVEPARAMETERS'].fields_by_name['prompt']._loaded_options = None
   _globals['_EFFECTIVEPARAMETERS'].fields_by_name['prompt']._serialized_options = b'\342A\001\003'
   _globals['_EFFECTIVEPARAMETERS'].fields_by_name['prompt_truncated']._loaded_options = None
@@ -93,6 +95,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULT'].fields_by_name['width']._serialized_options = b'\342A\001\003'
   _globals['_RESULT'].fields_by_name['height']._loaded_options = None
   _globals['_RESULT'].fields_by_name['height']._serialized_options = b'\342A\001\003'
+  _globals['_GENERATERESPONSE'].fields_by_name['sequence']._loaded_options = None
+  _globals['_GENERATERESPONSE'].fields_by_name['sequence']._serialized_options = b'\342A\001\003'
   _globals['_PARAMETERRANGES'].fields_by_name['strength']._loaded_options = None
   _globals['_PARAMETERRANGES'].fields_by_name['strength']._serialized_options = b'\342A\001\003'
   _globals['_PARAMETERRANGES'].fields_by_name['num_inference_steps']._loaded_options = None
@@ -113,28 +117,80 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFORESPONSE'].fields_by_name['limits']._serialized_options = b'\342A\001\003'
   _globals['_GETINFORESPONSE'].fields_by_name['parameters']._loaded_options = None
   _globals['_GETINFORESPONSE'].fields_by_name['parameters']._serialized_options = b'\342A\001\003'
+  _globals['_JOB'].fields_by_name['status']._loaded_options = None
+  _globals['_JOB'].fields_by_name['status']._serialized_options = b'\342A\001\003'
+  _globals['_JOB'].fields_by_name['request']._loaded_options = None
+  _globals['_JOB'].fields_by_name['request']._serialized_options = b'\342A\001\003'
+  _globals['_JOB'].fields_by_name['result']._loaded_options = None
+  _globals['_JOB'].fields_by_name['result']._serialized_options = b'\342A\001\003'
+  _globals['_GETJOBREQUEST'].fields_by_name['job_id']._loaded_options = None
+  _globals['_GETJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETJOBRESPONSE'].fields_by_name['job']._loaded_options = None
+  _globals['_GETJOBRESPONSE'].fields_by_name['job']._serialized_options = b'\342A\001\003'
+  _globals['_WATCHJOBREQUEST'].fields_by_name['job_id']._loaded_options = None
+  _globals['_WATCHJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
+  _globals['_WATCHJOBREQUEST'].fields_by_name['after_sequence']._loaded_options = None
+  _globals['_WATCHJOBREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\342A\001\001'
+  _globals['_CANCELJOBREQUEST'].fields_by_name['job_id']._loaded_options = None
+  _globals['_CANCELJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
+  _globals['_CANCELJOBRESPONSE'].fields_by_name['job']._loaded_options = None
+  _globals['_CANCELJOBRESPONSE'].fields_by_name['job']._serialized_options = b'\342A\001\003'
+  _globals['_LISTJOBSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTJOBSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTJOBSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTJOBSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTJOBSREQUEST'].fields_by_name['states']._loaded_options = None
+  _globals['_LISTJOBSREQUEST'].fields_by_name['states']._serialized_options = b'\342A\001\001'
+  _globals['_LISTJOBSRESPONSE'].fields_by_name['jobs']._loaded_options = None
+  _globals['_LISTJOBSRESPONSE'].fields_by_name['jobs']._serialized_options = b'\342A\001\003'
+  _globals['_LISTJOBSRESPONSE'].fields_by_name['next_page_token']._loaded_options = None
+  _globals['_LISTJOBSRESPONSE'].fields_by_name['next_page_token']._serialized_options = b'\342A\001\003'
   _globals['_IMG2IMGPROVIDER'].methods_by_name['Generate']._loaded_options = None
   _globals['_IMG2IMGPROVIDER'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/img2img:generate:\001*'
   _globals['_IMG2IMGPROVIDER'].methods_by_name['GetInfo']._loaded_options = None
   _globals['_IMG2IMGPROVIDER'].methods_by_name['GetInfo']._serialized_options = b'\202\323\344\223\002\022\022\020/v1/img2img/info'
-  _globals['_SCHEDULER']._serialized_start=2288
-  _globals['_SCHEDULER']._serialized_end=2461
-  _globals['_IMAGEFORMAT']._serialized_start=2463
-  _globals['_IMAGEFORMAT']._serialized_end=2574
+  _globals['_IMG2IMGPROVIDER'].methods_by_name['GetJob']._loaded_options = None
+  _globals['_IMG2IMGPROVIDER'].methods_by_name['GetJob']._serialized_options = b'\202\323\344\223\002\033\022\031/v1/img2img/jobs/{job_id}'
+  _globals['_IMG2IMGPROVIDER'].methods_by_name['WatchJob']._loaded_options = None
+  _globals['_IMG2IMGPROVIDER'].methods_by_name['WatchJob']._serialized_options = b'\202\323\344\223\002!\022\037/v1/img2img/jobs/{job_id}:watch'
+  _globals['_IMG2IMGPROVIDER'].methods_by_name['CancelJob']._loaded_options = None
+  _globals['_IMG2IMGPROVIDER'].methods_by_name['CancelJob']._serialized_options = b'\202\323\344\223\002%\" /v1/img2img/jobs/{job_id}:cancel:\001*'
+  _globals['_IMG2IMGPROVIDER'].methods_by_name['ListJobs']._loaded_options = None
+  _globals['_IMG2IMGPROVIDER'].methods_by_name['ListJobs']._serialized_options = b'\202\323\344\223\002\022\022\020/v1/img2img/jobs'
+  _globals['_SCHEDULER']._serialized_start=3020
+  _globals['_SCHEDULER']._serialized_end=3193
+  _globals['_IMAGEFORMAT']._serialized_start=3195
+  _globals['_IMAGEFORMAT']._serialized_end=3306
   _globals['_GENERATEREQUEST']._serialized_start=239
-  _globals['_GENERATEREQUEST']._serialized_end=764
-  _globals['_EFFECTIVEPARAMETERS']._serialized_start=767
-  _globals['_EFFECTIVEPARAMETERS']._serialized_end=1119
-  _globals['_RESULT']._serialized_start=1122
-  _globals['_RESULT']._serialized_end=1394
-  _globals['_GENERATERESPONSE']._serialized_start=1397
-  _globals['_GENERATERESPONSE']._serialized_end=1686
-  _globals['_GETINFOREQUEST']._serialized_start=1688
-  _globals['_GETINFOREQUEST']._serialized_end=1704
-  _globals['_PARAMETERRANGES']._serialized_start=1707
-  _globals['_PARAMETERRANGES']._serialized_end=2105
-  _globals['_GETINFORESPONSE']._serialized_start=2108
-  _globals['_GETINFORESPONSE']._serialized_end=2285
-  _globals['_IMG2IMGPROVIDER']._serialized_start=2577
-  _globals['_IMG2IMGPROVIDER']._serialized_end=2814
+  _globals['_GENERATEREQUEST']._serialized_end=827
+  _globals['_EFFECTIVEPARAMETERS']._serialized_start=830
+  _globals['_EFFECTIVEPARAMETERS']._serialized_end=1182
+  _globals['_RESULT']._serialized_start=1185
+  _globals['_RESULT']._serialized_end=1457
+  _globals['_GENERATERESPONSE']._serialized_start=1460
+  _globals['_GENERATERESPONSE']._serialized_end=1773
+  _globals['_GETINFOREQUEST']._serialized_start=1775
+  _globals['_GETINFOREQUEST']._serialized_end=1791
+  _globals['_PARAMETERRANGES']._serialized_start=1794
+  _globals['_PARAMETERRANGES']._serialized_end=2192
+  _globals['_GETINFORESPONSE']._serialized_start=2195
+  _globals['_GETINFORESPONSE']._serialized_end=2372
+  _globals['_JOB']._serialized_start=2375
+  _globals['_JOB']._serialized_end=2533
+  _globals['_GETJOBREQUEST']._serialized_start=2535
+  _globals['_GETJOBREQUEST']._serialized_end=2572
+  _globals['_GETJOBRESPONSE']._serialized_start=2574
+  _globals['_GETJOBRESPONSE']._serialized_end=2631
+  _globals['_WATCHJOBREQUEST']._serialized_start=2633
+  _globals['_WATCHJOBREQUEST']._serialized_end=2702
+  _globals['_CANCELJOBREQUEST']._serialized_start=2704
+  _globals['_CANCELJOBREQUEST']._serialized_end=2744
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2746
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2806
+  _globals['_LISTJOBSREQUEST']._serialized_start=2808
+  _globals['_LISTJOBSREQUEST']._serialized_end=2924
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2926
+  _globals['_LISTJOBSRESPONSE']._serialized_end=3017
+  _globals['_IMG2IMGPROVIDER']._serialized_start=3309
+  _globals['_IMG2IMGPROVIDER']._serialized_end=4016
 # @@protoc_insertion_point(module_scope)

@@ -42,7 +42,7 @@ IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_WEBP: ImageFormat
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("image", "prompt", "negative_prompt", "strength", "num_inference_steps", "guidance_scale", "seed", "scheduler", "output_format", "preview_every_n_steps", "delivery", "client_request_id")
+    __slots__ = ("image", "prompt", "negative_prompt", "strength", "num_inference_steps", "guidance_scale", "seed", "scheduler", "output_format", "preview_every_n_steps", "delivery", "client_request_id", "on_disconnect")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class GenerateRequest(_message.Message):
     PREVIEW_EVERY_N_STEPS_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     prompt: str
     negative_prompt: str
@@ -67,7 +68,8 @@ class GenerateRequest(_message.Message):
     preview_every_n_steps: int
     delivery: _artifact_pb2.ArtifactDelivery
     client_request_id: str
-    def __init__(self, image: _Optional[bytes] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., strength: _Optional[float] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., preview_every_n_steps: _Optional[int] = ..., delivery: _Optional[_Union[_artifact_pb2.ArtifactDelivery, str]] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+    on_disconnect: _job_pb2.DisconnectPolicy
+    def __init__(self, image: _Optional[bytes] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., strength: _Optional[float] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., preview_every_n_steps: _Optional[int] = ..., delivery: _Optional[_Union[_artifact_pb2.ArtifactDelivery, str]] = ..., client_request_id: _Optional[str] = ..., on_disconnect: _Optional[_Union[_job_pb2.DisconnectPolicy, str]] = ...) -> None: ...
 
 class EffectiveParameters(_message.Message):
     __slots__ = ("prompt", "prompt_truncated", "negative_prompt", "strength", "num_inference_steps", "steps_run", "guidance_scale", "seed", "scheduler", "output_format")
@@ -110,20 +112,22 @@ class Result(_message.Message):
     def __init__(self, artifacts: _Optional[_Iterable[_Union[_artifact_pb2.Artifact, _Mapping]]] = ..., parameters: _Optional[_Union[EffectiveParameters, _Mapping]] = ..., provenance: _Optional[_Union[_job_pb2.Provenance, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_job_pb2.PhaseTiming, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("accepted", "queued", "progress", "chunk", "result", "error")
+    __slots__ = ("accepted", "queued", "progress", "chunk", "result", "error", "sequence")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     accepted: _job_pb2.Accepted
     queued: _job_pb2.Queued
     progress: _job_pb2.Progress
     chunk: _artifact_pb2.ArtifactChunk
     result: Result
     error: _status_pb2.Status
-    def __init__(self, accepted: _Optional[_Union[_job_pb2.Accepted, _Mapping]] = ..., queued: _Optional[_Union[_job_pb2.Queued, _Mapping]] = ..., progress: _Optional[_Union[_job_pb2.Progress, _Mapping]] = ..., chunk: _Optional[_Union[_artifact_pb2.ArtifactChunk, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    sequence: int
+    def __init__(self, accepted: _Optional[_Union[_job_pb2.Accepted, _Mapping]] = ..., queued: _Optional[_Union[_job_pb2.Queued, _Mapping]] = ..., progress: _Optional[_Union[_job_pb2.Progress, _Mapping]] = ..., chunk: _Optional[_Union[_artifact_pb2.ArtifactChunk, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -156,3 +160,63 @@ class GetInfoResponse(_message.Message):
     limits: _service_info_pb2.ServerLimits
     parameters: ParameterRanges
     def __init__(self, model: _Optional[_Union[_service_info_pb2.ModelInfo, _Mapping]] = ..., limits: _Optional[_Union[_service_info_pb2.ServerLimits, _Mapping]] = ..., parameters: _Optional[_Union[ParameterRanges, _Mapping]] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("status", "request", "result")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    status: _job_pb2.JobStatus
+    request: GenerateRequest
+    result: Result
+    def __init__(self, status: _Optional[_Union[_job_pb2.JobStatus, _Mapping]] = ..., request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id", "after_sequence")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_sequence: int
+    def __init__(self, job_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "states")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    states: _containers.RepeatedScalarFieldContainer[_job_pb2.JobState]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

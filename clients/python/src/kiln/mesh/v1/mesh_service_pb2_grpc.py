@@ -46,6 +46,26 @@ class MeshProviderStub:
                 request_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/kiln.mesh.v1.MeshProvider/GetJob',
+                request_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/kiln.mesh.v1.MeshProvider/WatchJob',
+                request_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/kiln.mesh.v1.MeshProvider/CancelJob',
+                request_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/kiln.mesh.v1.MeshProvider/ListJobs',
+                request_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class MeshProviderServicer:
@@ -61,6 +81,8 @@ class MeshProviderServicer:
         after the first event arrives as the `error` event and ends the call with
         the same status. Cancelling the call stops the run between chunks and
         stores nothing.
+        `WatchJob` answers the same events, so one reader serves both.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,6 +91,50 @@ class MeshProviderServicer:
     def GetInfo(self, request, context):
         """Describes the model, its device, readiness, limits and accepted
         parameter ranges. Answers while the model loads or runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """The job's current state, its request (without the image), last progress
+        and result or error. Answers for a running job on the replica that runs
+        it (clients send back the session header of its `Generate` response) and
+        for a finished job on any replica that shares the artifact store, for
+        the retention period (`jobs.retention_s`); NOT_FOUND after that.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Streams the job's events after `after_sequence`: first the retained
+        events (replayed), then live ones until the terminal `result` or `error`;
+        a finished job replays and ends. The events and the final status are
+        those of `Generate`, each with its `sequence`. A watcher keeps a job
+        whose `Generate` stream was dropped from being cancelled.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels a queued or running job (the run stops within one step, nothing
+        is stored) and returns it. Idempotent: a finished job is returned as it
+        is, unchanged. A replica that does not run the job (the request came
+        without the session header) leaves the cancellation in the shared store
+        for the one that does, which acts on it within `jobs.heartbeat_s`; the
+        answer then still shows the job running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Recent jobs, newest first: the answering replica's own jobs and the
+        finished ones of every replica sharing its artifact store.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +152,26 @@ def add_MeshProviderServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetInfoRequest.FromString,
                     response_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetJobRequest.FromString,
+                    response_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.WatchJobRequest.FromString,
+                    response_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.CancelJobRequest.FromString,
+                    response_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.ListJobsRequest.FromString,
+                    response_serializer=kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,6 +230,114 @@ class MeshProvider:
             '/kiln.mesh.v1.MeshProvider/GetInfo',
             kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetInfoRequest.SerializeToString,
             kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.mesh.v1.MeshProvider/GetJob',
+            kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetJobRequest.SerializeToString,
+            kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kiln.mesh.v1.MeshProvider/WatchJob',
+            kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.WatchJobRequest.SerializeToString,
+            kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.mesh.v1.MeshProvider/CancelJob',
+            kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.CancelJobRequest.SerializeToString,
+            kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.mesh.v1.MeshProvider/ListJobs',
+            kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.ListJobsRequest.SerializeToString,
+            kiln_dot_mesh_dot_v1_dot_mesh__service__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

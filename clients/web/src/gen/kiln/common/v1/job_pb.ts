@@ -5,15 +5,17 @@
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb.js";
-import type { Duration } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Status } from "../../../google/rpc/status_pb.js";
+import { file_google_rpc_status } from "../../../google/rpc/status_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file kiln/common/v1/job.proto.
  */
 export const file_kiln_common_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("ChhraWxuL2NvbW1vbi92MS9qb2IucHJvdG8SDmtpbG4uY29tbW9uLnYxIj4KCEFjY2VwdGVkEhQKBmpvYl9pZBgBIAEoCUIE4kEBAxIcCg5xdWV1ZV9wb3NpdGlvbhgCIAEoBUIE4kEBAyJOCgZRdWV1ZWQSFgoIcG9zaXRpb24YASABKAVCBOJBAQMSLAoDZXRhGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEDImIKB1ByZXZpZXcSGAoKbWVkaWFfdHlwZRgBIAEoCUIE4kEBAxISCgRkYXRhGAIgASgMQgTiQQEDEhMKBXdpZHRoGAMgASgFQgTiQQEDEhQKBmhlaWdodBgEIAEoBUIE4kEBAyLbAQoIUHJvZ3Jlc3MSKgoFc3RhZ2UYASABKA4yFS5raWxuLmNvbW1vbi52MS5TdGFnZUIE4kEBAxISCgRzdGVwGAIgASgFQgTiQQEDEhkKC3RvdGFsX3N0ZXBzGAMgASgFQgTiQQEDEhYKCGZyYWN0aW9uGAQgASgCQgTiQQEDEiwKA2V0YRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAxIuCgdwcmV2aWV3GAYgASgLMhcua2lsbi5jb21tb24udjEuUHJldmlld0IE4kEBAyJVCgtQaGFzZVRpbWluZxITCgVwaGFzZRgBIAEoCUIE4kEBAxIxCghkdXJhdGlvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAyLOAgoKUHJvdmVuYW5jZRIWCghwcm92aWRlchgBIAEoCUIE4kEBAxIWCghtb2RlbF9pZBgCIAEoCUIE4kEBAxIcCg5tb2RlbF9yZXZpc2lvbhgDIAEoCUIE4kEBAxIUCgZkZXZpY2UYBCABKAlCBOJBAQMSEwoFZHR5cGUYBSABKAlCBOJBAQMSTwoQbGlicmFyeV92ZXJzaW9ucxgGIAMoCzIvLmtpbG4uY29tbW9uLnYxLlByb3ZlbmFuY2UuTGlicmFyeVZlcnNpb25zRW50cnlCBOJBAQMSPgoPcmVwcm9kdWNpYmlsaXR5GAcgASgOMh8ua2lsbi5jb21tb24udjEuUmVwcm9kdWNpYmlsaXR5QgTiQQEDGjYKFExpYnJhcnlWZXJzaW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEqqwIKBVN0YWdlEhUKEVNUQUdFX1VOU1BFQ0lGSUVEEAASFAoQU1RBR0VfUFJFUFJPQ0VTUxABEhEKDVNUQUdFX0RFTk9JU0UQAhIQCgxTVEFHRV9ERUNPREUQAxIbChdTVEFHRV9SRU1PVkVfQkFDS0dST1VORBAEEhAKDFNUQUdFX0VOQ09ERRAFEhEKDVNUQUdFX0VYVFJBQ1QQBhIQCgxTVEFHRV9FWFBPUlQQBxIVChFTVEFHRV9QT1NUUFJPQ0VTUxAIEhoKFlNUQUdFX1ZFTkRPUl9TVUJNSVRURUQQCRIYChRTVEFHRV9WRU5ET1JfV0FJVElORxAKEhkKFVNUQUdFX1ZFTkRPUl9SRUNFSVZFRBALEhQKEFNUQUdFX0xPQURfTU9ERUwQDCqYAQoPUmVwcm9kdWNpYmlsaXR5Eh8KG1JFUFJPRFVDSUJJTElUWV9VTlNQRUNJRklFRBAAEikKJVJFUFJPRFVDSUJJTElUWV9CSVRXSVNFX1NBTUVfSEFSRFdBUkUQARIfChtSRVBST0RVQ0lCSUxJVFlfQkVTVF9FRkZPUlQQAhIYChRSRVBST0RVQ0lCSUxJVFlfTk9ORRADKq0FCgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIhCh1FUlJPUl9SRUFTT05fSU5WQUxJRF9BUkdVTUVOVBABEhkKFUVSUk9SX1JFQVNPTl9DQVBBQ0lUWRACEiAKHEVSUk9SX1JFQVNPTl9NT0RFTF9OT1RfUkVBRFkQAxIeChpFUlJPUl9SRUFTT05fU0hVVFRJTkdfRE9XThAEEhoKFkVSUk9SX1JFQVNPTl9DQU5DRUxMRUQQBRIgChxFUlJPUl9SRUFTT05fUFJPVklERVJfRkFJTEVEEAYSJgoiRVJST1JfUkVBU09OX0NPTlRFTlRfQkxPQ0tFRF9JTlBVVBAHEicKI0VSUk9SX1JFQVNPTl9DT05URU5UX0JMT0NLRURfT1VUUFVUEAgSIgoeRVJST1JfUkVBU09OX05PX0lNQUdFX1BST0RVQ0VEEAkSIwofRVJST1JfUkVBU09OX1ZFTkRPUl9VTkFWQUlMQUJMRRAKEhwKGEVSUk9SX1JFQVNPTl9WRU5ET1JfQVVUSBALEh0KGUVSUk9SX1JFQVNPTl9WRU5ET1JfUVVPVEEQDBIjCh9FUlJPUl9SRUFTT05fQVJUSUZBQ1RfVE9PX0xBUkdFEA0SGQoVRVJST1JfUkVBU09OX0lOVEVSTkFMEA4SIgoeRVJST1JfUkVBU09OX0RFQURMSU5FX0VYQ0VFREVEEA8SHQoZRVJST1JfUkVBU09OX1NUT1JBR0VfRlVMTBAQEiQKIEVSUk9SX1JFQVNPTl9TVE9SQUdFX1VOQVZBSUxBQkxFEBESGgoWRVJST1JfUkVBU09OX05PVF9GT1VORBASEiYKIkVSUk9SX1JFQVNPTl9SQU5HRV9OT1RfU0FUSVNGSUFCTEUQE2IGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_duration]);
+  fileDesc("ChhraWxuL2NvbW1vbi92MS9qb2IucHJvdG8SDmtpbG4uY29tbW9uLnYxIj4KCEFjY2VwdGVkEhQKBmpvYl9pZBgBIAEoCUIE4kEBAxIcCg5xdWV1ZV9wb3NpdGlvbhgCIAEoBUIE4kEBAyJOCgZRdWV1ZWQSFgoIcG9zaXRpb24YASABKAVCBOJBAQMSLAoDZXRhGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEDImIKB1ByZXZpZXcSGAoKbWVkaWFfdHlwZRgBIAEoCUIE4kEBAxISCgRkYXRhGAIgASgMQgTiQQEDEhMKBXdpZHRoGAMgASgFQgTiQQEDEhQKBmhlaWdodBgEIAEoBUIE4kEBAyLbAQoIUHJvZ3Jlc3MSKgoFc3RhZ2UYASABKA4yFS5raWxuLmNvbW1vbi52MS5TdGFnZUIE4kEBAxISCgRzdGVwGAIgASgFQgTiQQEDEhkKC3RvdGFsX3N0ZXBzGAMgASgFQgTiQQEDEhYKCGZyYWN0aW9uGAQgASgCQgTiQQEDEiwKA2V0YRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAxIuCgdwcmV2aWV3GAYgASgLMhcua2lsbi5jb21tb24udjEuUHJldmlld0IE4kEBAyJVCgtQaGFzZVRpbWluZxITCgVwaGFzZRgBIAEoCUIE4kEBAxIxCghkdXJhdGlvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIE4kEBAyLOAgoKUHJvdmVuYW5jZRIWCghwcm92aWRlchgBIAEoCUIE4kEBAxIWCghtb2RlbF9pZBgCIAEoCUIE4kEBAxIcCg5tb2RlbF9yZXZpc2lvbhgDIAEoCUIE4kEBAxIUCgZkZXZpY2UYBCABKAlCBOJBAQMSEwoFZHR5cGUYBSABKAlCBOJBAQMSTwoQbGlicmFyeV92ZXJzaW9ucxgGIAMoCzIvLmtpbG4uY29tbW9uLnYxLlByb3ZlbmFuY2UuTGlicmFyeVZlcnNpb25zRW50cnlCBOJBAQMSPgoPcmVwcm9kdWNpYmlsaXR5GAcgASgOMh8ua2lsbi5jb21tb24udjEuUmVwcm9kdWNpYmlsaXR5QgTiQQEDGjYKFExpYnJhcnlWZXJzaW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi7gQKCUpvYlN0YXR1cxIUCgZqb2JfaWQYASABKAlCBOJBAQMSLQoFc3RhdGUYAiABKA4yGC5raWxuLmNvbW1vbi52MS5Kb2JTdGF0ZUIE4kEBAxIcCg5xdWV1ZV9wb3NpdGlvbhgDIAEoBUIE4kEBAxIyCglxdWV1ZV9ldGEYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CBOJBAQMSMAoIcHJvZ3Jlc3MYBSABKAsyGC5raWxuLmNvbW1vbi52MS5Qcm9ncmVzc0IE4kEBAxI1CgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNAoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSMgoIZW5kX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjUKC2V4cGlyZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxInCgVlcnJvchgKIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzQgTiQQEDEh8KEWNsaWVudF9yZXF1ZXN0X2lkGAsgASgJQgTiQQEDEhsKDWxhc3Rfc2VxdWVuY2UYDCABKANCBOJBAQMSFgoId2F0Y2hlcnMYDSABKAVCBOJBAQMSQQoRZGlzY29ubmVjdF9wb2xpY3kYDiABKA4yIC5raWxuLmNvbW1vbi52MS5EaXNjb25uZWN0UG9saWN5QgTiQQEDKqsCCgVTdGFnZRIVChFTVEFHRV9VTlNQRUNJRklFRBAAEhQKEFNUQUdFX1BSRVBST0NFU1MQARIRCg1TVEFHRV9ERU5PSVNFEAISEAoMU1RBR0VfREVDT0RFEAMSGwoXU1RBR0VfUkVNT1ZFX0JBQ0tHUk9VTkQQBBIQCgxTVEFHRV9FTkNPREUQBRIRCg1TVEFHRV9FWFRSQUNUEAYSEAoMU1RBR0VfRVhQT1JUEAcSFQoRU1RBR0VfUE9TVFBST0NFU1MQCBIaChZTVEFHRV9WRU5ET1JfU1VCTUlUVEVEEAkSGAoUU1RBR0VfVkVORE9SX1dBSVRJTkcQChIZChVTVEFHRV9WRU5ET1JfUkVDRUlWRUQQCxIUChBTVEFHRV9MT0FEX01PREVMEAwqmAEKD1JlcHJvZHVjaWJpbGl0eRIfChtSRVBST0RVQ0lCSUxJVFlfVU5TUEVDSUZJRUQQABIpCiVSRVBST0RVQ0lCSUxJVFlfQklUV0lTRV9TQU1FX0hBUkRXQVJFEAESHwobUkVQUk9EVUNJQklMSVRZX0JFU1RfRUZGT1JUEAISGAoUUkVQUk9EVUNJQklMSVRZX05PTkUQAyrMBQoLRXJyb3JSZWFzb24SHAoYRVJST1JfUkVBU09OX1VOU1BFQ0lGSUVEEAASIQodRVJST1JfUkVBU09OX0lOVkFMSURfQVJHVU1FTlQQARIZChVFUlJPUl9SRUFTT05fQ0FQQUNJVFkQAhIgChxFUlJPUl9SRUFTT05fTU9ERUxfTk9UX1JFQURZEAMSHgoaRVJST1JfUkVBU09OX1NIVVRUSU5HX0RPV04QBBIaChZFUlJPUl9SRUFTT05fQ0FOQ0VMTEVEEAUSIAocRVJST1JfUkVBU09OX1BST1ZJREVSX0ZBSUxFRBAGEiYKIkVSUk9SX1JFQVNPTl9DT05URU5UX0JMT0NLRURfSU5QVVQQBxInCiNFUlJPUl9SRUFTT05fQ09OVEVOVF9CTE9DS0VEX09VVFBVVBAIEiIKHkVSUk9SX1JFQVNPTl9OT19JTUFHRV9QUk9EVUNFRBAJEiMKH0VSUk9SX1JFQVNPTl9WRU5ET1JfVU5BVkFJTEFCTEUQChIcChhFUlJPUl9SRUFTT05fVkVORE9SX0FVVEgQCxIdChlFUlJPUl9SRUFTT05fVkVORE9SX1FVT1RBEAwSIwofRVJST1JfUkVBU09OX0FSVElGQUNUX1RPT19MQVJHRRANEhkKFUVSUk9SX1JFQVNPTl9JTlRFUk5BTBAOEiIKHkVSUk9SX1JFQVNPTl9ERUFETElORV9FWENFRURFRBAPEh0KGUVSUk9SX1JFQVNPTl9TVE9SQUdFX0ZVTEwQEBIkCiBFUlJPUl9SRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAREhoKFkVSUk9SX1JFQVNPTl9OT1RfRk9VTkQQEhImCiJFUlJPUl9SRUFTT05fUkFOR0VfTk9UX1NBVElTRklBQkxFEBMSHQoZRVJST1JfUkVBU09OX1JFUExJQ0FfTE9TVBAUKpoBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFQoRSk9CX1NUQVRFX1JVTk5JTkcQAhIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBSqZAQoQRGlzY29ubmVjdFBvbGljeRIhCh1ESVNDT05ORUNUX1BPTElDWV9VTlNQRUNJRklFRBAAEiYKIkRJU0NPTk5FQ1RfUE9MSUNZX1dBSVRfRk9SX1dBVENIRVIQARIcChhESVNDT05ORUNUX1BPTElDWV9DQU5DRUwQAhIcChhESVNDT05ORUNUX1BPTElDWV9ERVRBQ0gQA2IGcHJvdG8z", [file_google_api_field_behavior, file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * First event of every `Generate` stream: the job exists and has an id.
@@ -274,6 +276,123 @@ export type Provenance = Message<"kiln.common.v1.Provenance"> & {
  */
 export const ProvenanceSchema: GenMessage<Provenance> = /*@__PURE__*/
   messageDesc(file_kiln_common_v1_job, 5);
+
+/**
+ * The service-independent part of a job, as `GetJob`, `CancelJob` and
+ * `ListJobs` return it.
+ * Next free field: 15
+ *
+ * @generated from message kiln.common.v1.JobStatus
+ */
+export type JobStatus = Message<"kiln.common.v1.JobStatus"> & {
+  /**
+   * Required. The job id (`Accepted.job_id`).
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Required. Where the job is now.
+   *
+   * @generated from field: kiln.common.v1.JobState state = 2;
+   */
+  state: JobState;
+
+  /**
+   * Optional. While `QUEUED`: jobs ahead of this one, 1-based.
+   *
+   * @generated from field: int32 queue_position = 3;
+   */
+  queuePosition: number;
+
+  /**
+   * Optional. While `QUEUED`: estimated wait before the job starts.
+   *
+   * @generated from field: google.protobuf.Duration queue_eta = 4;
+   */
+  queueEta?: Duration | undefined;
+
+  /**
+   * Optional. The last progress event, without its preview.
+   *
+   * @generated from field: kiln.common.v1.Progress progress = 5;
+   */
+  progress?: Progress | undefined;
+
+  /**
+   * Required. When the job was accepted.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * Optional. When the job got its slot.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 7;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Optional. When the job reached its terminal state.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 8;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * Optional. When a finished job is forgotten (NOT_FOUND from then on).
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 9;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * Optional. `FAILED` and `CANCELLED`: why, with the same details as the
+   * stream's `error` event.
+   *
+   * @generated from field: google.rpc.Status error = 10;
+   */
+  error?: Status | undefined;
+
+  /**
+   * Optional. The submitting request's `client_request_id`.
+   *
+   * @generated from field: string client_request_id = 11;
+   */
+  clientRequestId: string;
+
+  /**
+   * Required. Sequence number of the job's latest event; `WatchJob` with
+   * `after_sequence` set to it waits for the next one.
+   *
+   * @generated from field: int64 last_sequence = 12;
+   */
+  lastSequence: bigint;
+
+  /**
+   * Required. Streams watching the job now (`Generate` and `WatchJob`), as
+   * seen by the replica that answered.
+   *
+   * @generated from field: int32 watchers = 13;
+   */
+  watchers: number;
+
+  /**
+   * Required. How the job reacts to its last watcher leaving.
+   *
+   * @generated from field: kiln.common.v1.DisconnectPolicy disconnect_policy = 14;
+   */
+  disconnectPolicy: DisconnectPolicy;
+};
+
+/**
+ * Describes the message kiln.common.v1.JobStatus.
+ * Use `create(JobStatusSchema)` to create a new message.
+ */
+export const JobStatusSchema: GenMessage<JobStatus> = /*@__PURE__*/
+  messageDesc(file_kiln_common_v1_job, 6);
 
 /**
  * What a running job is doing. Each provider uses the stages that apply.
@@ -582,6 +701,15 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_RANGE_NOT_SATISFIABLE = 19;
    */
   RANGE_NOT_SATISFIABLE = 19,
+
+  /**
+   * The server that ran the job stopped before the job ended (it crashed or
+   * was killed); another replica answers from the job's stored record. Sent
+   * in a `FAILED` job's `error` with UNAVAILABLE: submit the job again.
+   *
+   * @generated from enum value: ERROR_REASON_REPLICA_LOST = 20;
+   */
+  REPLICA_LOST = 20,
 }
 
 /**
@@ -589,4 +717,108 @@ export enum ErrorReason {
  */
 export const ErrorReasonSchema: GenEnum<ErrorReason> = /*@__PURE__*/
   enumDesc(file_kiln_common_v1_job, 2);
+
+/**
+ * Where a job is in its life. A job is created `QUEUED` when it is accepted
+ * and ends in exactly one of the three terminal states.
+ *
+ * @generated from enum kiln.common.v1.JobState
+ */
+export enum JobState {
+  /**
+   * Never sent; as a `ListJobs` filter value it is refused.
+   *
+   * @generated from enum value: JOB_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Accepted and waiting for a slot.
+   *
+   * @generated from enum value: JOB_STATE_QUEUED = 1;
+   */
+  QUEUED = 1,
+
+  /**
+   * Holds a slot: loading the model, running or storing the result.
+   *
+   * @generated from enum value: JOB_STATE_RUNNING = 2;
+   */
+  RUNNING = 2,
+
+  /**
+   * Terminal: the result is stored.
+   *
+   * @generated from enum value: JOB_STATE_SUCCEEDED = 3;
+   */
+  SUCCEEDED = 3,
+
+  /**
+   * Terminal: the job failed; `JobStatus.error` says why.
+   *
+   * @generated from enum value: JOB_STATE_FAILED = 4;
+   */
+  FAILED = 4,
+
+  /**
+   * Terminal: cancelled by `CancelJob`, by its dropped stream (see
+   * `DisconnectPolicy`) or by a shutdown. Nothing of it is stored.
+   *
+   * @generated from enum value: JOB_STATE_CANCELLED = 5;
+   */
+  CANCELLED = 5,
+}
+
+/**
+ * Describes the enum kiln.common.v1.JobState.
+ */
+export const JobStateSchema: GenEnum<JobState> = /*@__PURE__*/
+  enumDesc(file_kiln_common_v1_job, 3);
+
+/**
+ * What happens to a job when its `Generate` stream is dropped (a page
+ * reload, a network change, a gateway restart) before the job ends. Any
+ * `WatchJob` stream counts as a watcher, as does the `Generate` stream itself
+ * and a second `Generate` with the same `client_request_id`.
+ *
+ * @generated from enum kiln.common.v1.DisconnectPolicy
+ */
+export enum DisconnectPolicy {
+  /**
+   * The server's default: `DISCONNECT_POLICY_WAIT_FOR_WATCHER`.
+   *
+   * @generated from enum value: DISCONNECT_POLICY_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Keep running while nobody watches for the server's grace period
+   * (`jobs.disconnect_grace_s`, 60 s by default); if no watcher comes back
+   * within it, cancel the job and free its slot.
+   *
+   * @generated from enum value: DISCONNECT_POLICY_WAIT_FOR_WATCHER = 1;
+   */
+  WAIT_FOR_WATCHER = 1,
+
+  /**
+   * Cancel the job as soon as no stream watches it.
+   *
+   * @generated from enum value: DISCONNECT_POLICY_CANCEL = 2;
+   */
+  CANCEL = 2,
+
+  /**
+   * Run to the end whether or not anybody watches (`kiln img2img --detach`);
+   * read the outcome later with `GetJob` or `WatchJob`.
+   *
+   * @generated from enum value: DISCONNECT_POLICY_DETACH = 3;
+   */
+  DETACH = 3,
+}
+
+/**
+ * Describes the enum kiln.common.v1.DisconnectPolicy.
+ */
+export const DisconnectPolicySchema: GenEnum<DisconnectPolicy> = /*@__PURE__*/
+  enumDesc(file_kiln_common_v1_job, 4);
 

@@ -10,7 +10,7 @@ import type { Status } from "../../../google/rpc/status_pb.js";
 import { file_google_rpc_status } from "../../../google/rpc/status_pb.js";
 import type { Artifact, ArtifactChunk, ArtifactDelivery } from "../../common/v1/artifact_pb.js";
 import { file_kiln_common_v1_artifact } from "../../common/v1/artifact_pb.js";
-import type { Accepted, PhaseTiming, Progress, Provenance, Queued } from "../../common/v1/job_pb.js";
+import type { Accepted, DisconnectPolicy, JobState, JobStatus, PhaseTiming, Progress, Provenance, Queued } from "../../common/v1/job_pb.js";
 import { file_kiln_common_v1_job } from "../../common/v1/job_pb.js";
 import type { FloatRange, IntRange, ModelInfo, ServerLimits } from "../../common/v1/service_info_pb.js";
 import { file_kiln_common_v1_service_info } from "../../common/v1/service_info_pb.js";
@@ -20,11 +20,11 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kiln/img2img/v1/img2img_service.proto.
  */
 export const file_kiln_img2img_v1_img2img_service: GenFile = /*@__PURE__*/
-  fileDesc("CiVraWxuL2ltZzJpbWcvdjEvaW1nMmltZ19zZXJ2aWNlLnByb3RvEg9raWxuLmltZzJpbWcudjEijQQKD0dlbmVyYXRlUmVxdWVzdBITCgVpbWFnZRgBIAEoDEIE4kEBAhIUCgZwcm9tcHQYAiABKAlCBOJBAQISHQoPbmVnYXRpdmVfcHJvbXB0GAMgASgJQgTiQQEBEhsKCHN0cmVuZ3RoGAQgASgCQgTiQQEBSACIAQESJgoTbnVtX2luZmVyZW5jZV9zdGVwcxgFIAEoBUIE4kEBAUgBiAEBEiEKDmd1aWRhbmNlX3NjYWxlGAYgASgCQgTiQQEBSAKIAQESFwoEc2VlZBgHIAEoDUIE4kEBAUgDiAEBEjMKCXNjaGVkdWxlchgIIAEoDjIaLmtpbG4uaW1nMmltZy52MS5TY2hlZHVsZXJCBOJBAQISOQoNb3V0cHV0X2Zvcm1hdBgJIAEoDjIcLmtpbG4uaW1nMmltZy52MS5JbWFnZUZvcm1hdEIE4kEBAhIjChVwcmV2aWV3X2V2ZXJ5X25fc3RlcHMYCiABKAVCBOJBAQESOAoIZGVsaXZlcnkYCyABKA4yIC5raWxuLmNvbW1vbi52MS5BcnRpZmFjdERlbGl2ZXJ5QgTiQQEBEh8KEWNsaWVudF9yZXF1ZXN0X2lkGAwgASgJQgTiQQEBQgsKCV9zdHJlbmd0aEIWChRfbnVtX2luZmVyZW5jZV9zdGVwc0IRCg9fZ3VpZGFuY2Vfc2NhbGVCBwoFX3NlZWQi4AIKE0VmZmVjdGl2ZVBhcmFtZXRlcnMSFAoGcHJvbXB0GAEgASgJQgTiQQEDEh4KEHByb21wdF90cnVuY2F0ZWQYAiABKAhCBOJBAQMSHQoPbmVnYXRpdmVfcHJvbXB0GAMgASgJQgTiQQEDEhYKCHN0cmVuZ3RoGAQgASgCQgTiQQEDEiEKE251bV9pbmZlcmVuY2Vfc3RlcHMYBSABKAVCBOJBAQMSFwoJc3RlcHNfcnVuGAYgASgFQgTiQQEDEhwKDmd1aWRhbmNlX3NjYWxlGAcgASgCQgTiQQEDEhIKBHNlZWQYCCABKA1CBOJBAQMSMwoJc2NoZWR1bGVyGAkgASgOMhoua2lsbi5pbWcyaW1nLnYxLlNjaGVkdWxlckIE4kEBAxI5Cg1vdXRwdXRfZm9ybWF0GAogASgOMhwua2lsbi5pbWcyaW1nLnYxLkltYWdlRm9ybWF0QgTiQQEDIpACCgZSZXN1bHQSMQoJYXJ0aWZhY3RzGAEgAygLMhgua2lsbi5jb21tb24udjEuQXJ0aWZhY3RCBOJBAQMSPgoKcGFyYW1ldGVycxgCIAEoCzIkLmtpbG4uaW1nMmltZy52MS5FZmZlY3RpdmVQYXJhbWV0ZXJzQgTiQQEDEjQKCnByb3ZlbmFuY2UYAyABKAsyGi5raWxuLmNvbW1vbi52MS5Qcm92ZW5hbmNlQgTiQQEDEjIKB3RpbWluZ3MYBCADKAsyGy5raWxuLmNvbW1vbi52MS5QaGFzZVRpbWluZ0IE4kEBAxITCgV3aWR0aBgFIAEoBUIE4kEBAxIUCgZoZWlnaHQYBiABKAVCBOJBAQMioQIKEEdlbmVyYXRlUmVzcG9uc2USLAoIYWNjZXB0ZWQYASABKAsyGC5raWxuLmNvbW1vbi52MS5BY2NlcHRlZEgAEigKBnF1ZXVlZBgCIAEoCzIWLmtpbG4uY29tbW9uLnYxLlF1ZXVlZEgAEiwKCHByb2dyZXNzGAMgASgLMhgua2lsbi5jb21tb24udjEuUHJvZ3Jlc3NIABIuCgVjaHVuaxgEIAEoCzIdLmtpbG4uY29tbW9uLnYxLkFydGlmYWN0Q2h1bmtIABIpCgZyZXN1bHQYBSABKAsyFy5raWxuLmltZzJpbWcudjEuUmVzdWx0SAASIwoFZXJyb3IYBiABKAsyEi5nb29nbGUucnBjLlN0YXR1c0gAQgcKBWV2ZW50IhAKDkdldEluZm9SZXF1ZXN0Io4DCg9QYXJhbWV0ZXJSYW5nZXMSMgoIc3RyZW5ndGgYASABKAsyGi5raWxuLmNvbW1vbi52MS5GbG9hdFJhbmdlQgTiQQEDEjsKE251bV9pbmZlcmVuY2Vfc3RlcHMYAiABKAsyGC5raWxuLmNvbW1vbi52MS5JbnRSYW5nZUIE4kEBAxI4Cg5ndWlkYW5jZV9zY2FsZRgDIAEoCzIaLmtpbG4uY29tbW9uLnYxLkZsb2F0UmFuZ2VCBOJBAQMSPQoVcHJldmlld19ldmVyeV9uX3N0ZXBzGAQgASgLMhgua2lsbi5jb21tb24udjEuSW50UmFuZ2VCBOJBAQMSNAoKc2NoZWR1bGVycxgFIAMoDjIaLmtpbG4uaW1nMmltZy52MS5TY2hlZHVsZXJCBOJBAQMSOgoOb3V0cHV0X2Zvcm1hdHMYBiADKA4yHC5raWxuLmltZzJpbWcudjEuSW1hZ2VGb3JtYXRCBOJBAQMSHwoRbWF4X3Byb21wdF90b2tlbnMYByABKAVCBOJBAQMisQEKD0dldEluZm9SZXNwb25zZRIuCgVtb2RlbBgBIAEoCzIZLmtpbG4uY29tbW9uLnYxLk1vZGVsSW5mb0IE4kEBAxIyCgZsaW1pdHMYAiABKAsyHC5raWxuLmNvbW1vbi52MS5TZXJ2ZXJMaW1pdHNCBOJBAQMSOgoKcGFyYW1ldGVycxgDIAEoCzIgLmtpbG4uaW1nMmltZy52MS5QYXJhbWV0ZXJSYW5nZXNCBOJBAQMqrQEKCVNjaGVkdWxlchIZChVTQ0hFRFVMRVJfVU5TUEVDSUZJRUQQABIWChJTQ0hFRFVMRVJfRFBNUFBfMk0QARITCg9TQ0hFRFVMRVJfRVVMRVIQAhIdChlTQ0hFRFVMRVJfRVVMRVJfQU5DRVNUUkFMEAMSEgoOU0NIRURVTEVSX0RESU0QBBISCg5TQ0hFRFVMRVJfUE5ETRAFEhEKDVNDSEVEVUxFUl9MTVMQBipvCgtJbWFnZUZvcm1hdBIcChhJTUFHRV9GT1JNQVRfVU5TUEVDSUZJRUQQABIUChBJTUFHRV9GT1JNQVRfUE5HEAESFQoRSU1BR0VfRk9STUFUX0pQRUcQAhIVChFJTUFHRV9GT1JNQVRfV0VCUBADMu0BCg9JbWcySW1nUHJvdmlkZXIScgoIR2VuZXJhdGUSIC5raWxuLmltZzJpbWcudjEuR2VuZXJhdGVSZXF1ZXN0GiEua2lsbi5pbWcyaW1nLnYxLkdlbmVyYXRlUmVzcG9uc2UiH4LT5JMCGToBKiIUL3YxL2ltZzJpbWc6Z2VuZXJhdGUwARJmCgdHZXRJbmZvEh8ua2lsbi5pbWcyaW1nLnYxLkdldEluZm9SZXF1ZXN0GiAua2lsbi5pbWcyaW1nLnYxLkdldEluZm9SZXNwb25zZSIYgtPkkwISEhAvdjEvaW1nMmltZy9pbmZvYgZwcm90bzM", [file_google_api_annotations, file_google_api_field_behavior, file_google_rpc_status, file_kiln_common_v1_artifact, file_kiln_common_v1_job, file_kiln_common_v1_service_info]);
+  fileDesc("CiVraWxuL2ltZzJpbWcvdjEvaW1nMmltZ19zZXJ2aWNlLnByb3RvEg9raWxuLmltZzJpbWcudjEizAQKD0dlbmVyYXRlUmVxdWVzdBITCgVpbWFnZRgBIAEoDEIE4kEBAhIUCgZwcm9tcHQYAiABKAlCBOJBAQISHQoPbmVnYXRpdmVfcHJvbXB0GAMgASgJQgTiQQEBEhsKCHN0cmVuZ3RoGAQgASgCQgTiQQEBSACIAQESJgoTbnVtX2luZmVyZW5jZV9zdGVwcxgFIAEoBUIE4kEBAUgBiAEBEiEKDmd1aWRhbmNlX3NjYWxlGAYgASgCQgTiQQEBSAKIAQESFwoEc2VlZBgHIAEoDUIE4kEBAUgDiAEBEjMKCXNjaGVkdWxlchgIIAEoDjIaLmtpbG4uaW1nMmltZy52MS5TY2hlZHVsZXJCBOJBAQISOQoNb3V0cHV0X2Zvcm1hdBgJIAEoDjIcLmtpbG4uaW1nMmltZy52MS5JbWFnZUZvcm1hdEIE4kEBAhIjChVwcmV2aWV3X2V2ZXJ5X25fc3RlcHMYCiABKAVCBOJBAQESOAoIZGVsaXZlcnkYCyABKA4yIC5raWxuLmNvbW1vbi52MS5BcnRpZmFjdERlbGl2ZXJ5QgTiQQEBEh8KEWNsaWVudF9yZXF1ZXN0X2lkGAwgASgJQgTiQQEBEj0KDW9uX2Rpc2Nvbm5lY3QYDSABKA4yIC5raWxuLmNvbW1vbi52MS5EaXNjb25uZWN0UG9saWN5QgTiQQEBQgsKCV9zdHJlbmd0aEIWChRfbnVtX2luZmVyZW5jZV9zdGVwc0IRCg9fZ3VpZGFuY2Vfc2NhbGVCBwoFX3NlZWQi4AIKE0VmZmVjdGl2ZVBhcmFtZXRlcnMSFAoGcHJvbXB0GAEgASgJQgTiQQEDEh4KEHByb21wdF90cnVuY2F0ZWQYAiABKAhCBOJBAQMSHQoPbmVnYXRpdmVfcHJvbXB0GAMgASgJQgTiQQEDEhYKCHN0cmVuZ3RoGAQgASgCQgTiQQEDEiEKE251bV9pbmZlcmVuY2Vfc3RlcHMYBSABKAVCBOJBAQMSFwoJc3RlcHNfcnVuGAYgASgFQgTiQQEDEhwKDmd1aWRhbmNlX3NjYWxlGAcgASgCQgTiQQEDEhIKBHNlZWQYCCABKA1CBOJBAQMSMwoJc2NoZWR1bGVyGAkgASgOMhoua2lsbi5pbWcyaW1nLnYxLlNjaGVkdWxlckIE4kEBAxI5Cg1vdXRwdXRfZm9ybWF0GAogASgOMhwua2lsbi5pbWcyaW1nLnYxLkltYWdlRm9ybWF0QgTiQQEDIpACCgZSZXN1bHQSMQoJYXJ0aWZhY3RzGAEgAygLMhgua2lsbi5jb21tb24udjEuQXJ0aWZhY3RCBOJBAQMSPgoKcGFyYW1ldGVycxgCIAEoCzIkLmtpbG4uaW1nMmltZy52MS5FZmZlY3RpdmVQYXJhbWV0ZXJzQgTiQQEDEjQKCnByb3ZlbmFuY2UYAyABKAsyGi5raWxuLmNvbW1vbi52MS5Qcm92ZW5hbmNlQgTiQQEDEjIKB3RpbWluZ3MYBCADKAsyGy5raWxuLmNvbW1vbi52MS5QaGFzZVRpbWluZ0IE4kEBAxITCgV3aWR0aBgFIAEoBUIE4kEBAxIUCgZoZWlnaHQYBiABKAVCBOJBAQMiuQIKEEdlbmVyYXRlUmVzcG9uc2USLAoIYWNjZXB0ZWQYASABKAsyGC5raWxuLmNvbW1vbi52MS5BY2NlcHRlZEgAEigKBnF1ZXVlZBgCIAEoCzIWLmtpbG4uY29tbW9uLnYxLlF1ZXVlZEgAEiwKCHByb2dyZXNzGAMgASgLMhgua2lsbi5jb21tb24udjEuUHJvZ3Jlc3NIABIuCgVjaHVuaxgEIAEoCzIdLmtpbG4uY29tbW9uLnYxLkFydGlmYWN0Q2h1bmtIABIpCgZyZXN1bHQYBSABKAsyFy5raWxuLmltZzJpbWcudjEuUmVzdWx0SAASIwoFZXJyb3IYBiABKAsyEi5nb29nbGUucnBjLlN0YXR1c0gAEhYKCHNlcXVlbmNlGAcgASgDQgTiQQEDQgcKBWV2ZW50IhAKDkdldEluZm9SZXF1ZXN0Io4DCg9QYXJhbWV0ZXJSYW5nZXMSMgoIc3RyZW5ndGgYASABKAsyGi5raWxuLmNvbW1vbi52MS5GbG9hdFJhbmdlQgTiQQEDEjsKE251bV9pbmZlcmVuY2Vfc3RlcHMYAiABKAsyGC5raWxuLmNvbW1vbi52MS5JbnRSYW5nZUIE4kEBAxI4Cg5ndWlkYW5jZV9zY2FsZRgDIAEoCzIaLmtpbG4uY29tbW9uLnYxLkZsb2F0UmFuZ2VCBOJBAQMSPQoVcHJldmlld19ldmVyeV9uX3N0ZXBzGAQgASgLMhgua2lsbi5jb21tb24udjEuSW50UmFuZ2VCBOJBAQMSNAoKc2NoZWR1bGVycxgFIAMoDjIaLmtpbG4uaW1nMmltZy52MS5TY2hlZHVsZXJCBOJBAQMSOgoOb3V0cHV0X2Zvcm1hdHMYBiADKA4yHC5raWxuLmltZzJpbWcudjEuSW1hZ2VGb3JtYXRCBOJBAQMSHwoRbWF4X3Byb21wdF90b2tlbnMYByABKAVCBOJBAQMisQEKD0dldEluZm9SZXNwb25zZRIuCgVtb2RlbBgBIAEoCzIZLmtpbG4uY29tbW9uLnYxLk1vZGVsSW5mb0IE4kEBAxIyCgZsaW1pdHMYAiABKAsyHC5raWxuLmNvbW1vbi52MS5TZXJ2ZXJMaW1pdHNCBOJBAQMSOgoKcGFyYW1ldGVycxgDIAEoCzIgLmtpbG4uaW1nMmltZy52MS5QYXJhbWV0ZXJSYW5nZXNCBOJBAQMingEKA0pvYhIvCgZzdGF0dXMYASABKAsyGS5raWxuLmNvbW1vbi52MS5Kb2JTdGF0dXNCBOJBAQMSNwoHcmVxdWVzdBgCIAEoCzIgLmtpbG4uaW1nMmltZy52MS5HZW5lcmF0ZVJlcXVlc3RCBOJBAQMSLQoGcmVzdWx0GAMgASgLMhcua2lsbi5pbWcyaW1nLnYxLlJlc3VsdEIE4kEBAyIlCg1HZXRKb2JSZXF1ZXN0EhQKBmpvYl9pZBgBIAEoCUIE4kEBAiI5Cg5HZXRKb2JSZXNwb25zZRInCgNqb2IYASABKAsyFC5raWxuLmltZzJpbWcudjEuSm9iQgTiQQEDIkUKD1dhdGNoSm9iUmVxdWVzdBIUCgZqb2JfaWQYASABKAlCBOJBAQISHAoOYWZ0ZXJfc2VxdWVuY2UYAiABKANCBOJBAQEiKAoQQ2FuY2VsSm9iUmVxdWVzdBIUCgZqb2JfaWQYASABKAlCBOJBAQIiPAoRQ2FuY2VsSm9iUmVzcG9uc2USJwoDam9iGAEgASgLMhQua2lsbi5pbWcyaW1nLnYxLkpvYkIE4kEBAyJ0Cg9MaXN0Sm9ic1JlcXVlc3QSFwoJcGFnZV9zaXplGAEgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YAiABKAlCBOJBAQESLgoGc3RhdGVzGAMgAygOMhgua2lsbi5jb21tb24udjEuSm9iU3RhdGVCBOJBAQEiWwoQTGlzdEpvYnNSZXNwb25zZRIoCgRqb2JzGAEgAygLMhQua2lsbi5pbWcyaW1nLnYxLkpvYkIE4kEBAxIdCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAlCBOJBAQMqrQEKCVNjaGVkdWxlchIZChVTQ0hFRFVMRVJfVU5TUEVDSUZJRUQQABIWChJTQ0hFRFVMRVJfRFBNUFBfMk0QARITCg9TQ0hFRFVMRVJfRVVMRVIQAhIdChlTQ0hFRFVMRVJfRVVMRVJfQU5DRVNUUkFMEAMSEgoOU0NIRURVTEVSX0RESU0QBBISCg5TQ0hFRFVMRVJfUE5ETRAFEhEKDVNDSEVEVUxFUl9MTVMQBipvCgtJbWFnZUZvcm1hdBIcChhJTUFHRV9GT1JNQVRfVU5TUEVDSUZJRUQQABIUChBJTUFHRV9GT1JNQVRfUE5HEAESFQoRSU1BR0VfRk9STUFUX0pQRUcQAhIVChFJTUFHRV9GT1JNQVRfV0VCUBADMsMFCg9JbWcySW1nUHJvdmlkZXIScgoIR2VuZXJhdGUSIC5raWxuLmltZzJpbWcudjEuR2VuZXJhdGVSZXF1ZXN0GiEua2lsbi5pbWcyaW1nLnYxLkdlbmVyYXRlUmVzcG9uc2UiH4LT5JMCGToBKiIUL3YxL2ltZzJpbWc6Z2VuZXJhdGUwARJmCgdHZXRJbmZvEh8ua2lsbi5pbWcyaW1nLnYxLkdldEluZm9SZXF1ZXN0GiAua2lsbi5pbWcyaW1nLnYxLkdldEluZm9SZXNwb25zZSIYgtPkkwISEhAvdjEvaW1nMmltZy9pbmZvEmwKBkdldEpvYhIeLmtpbG4uaW1nMmltZy52MS5HZXRKb2JSZXF1ZXN0Gh8ua2lsbi5pbWcyaW1nLnYxLkdldEpvYlJlc3BvbnNlIiGC0+STAhsSGS92MS9pbWcyaW1nL2pvYnMve2pvYl9pZH0SegoIV2F0Y2hKb2ISIC5raWxuLmltZzJpbWcudjEuV2F0Y2hKb2JSZXF1ZXN0GiEua2lsbi5pbWcyaW1nLnYxLkdlbmVyYXRlUmVzcG9uc2UiJ4LT5JMCIRIfL3YxL2ltZzJpbWcvam9icy97am9iX2lkfTp3YXRjaDABEn8KCUNhbmNlbEpvYhIhLmtpbG4uaW1nMmltZy52MS5DYW5jZWxKb2JSZXF1ZXN0GiIua2lsbi5pbWcyaW1nLnYxLkNhbmNlbEpvYlJlc3BvbnNlIiuC0+STAiU6ASoiIC92MS9pbWcyaW1nL2pvYnMve2pvYl9pZH06Y2FuY2VsEmkKCExpc3RKb2JzEiAua2lsbi5pbWcyaW1nLnYxLkxpc3RKb2JzUmVxdWVzdBohLmtpbG4uaW1nMmltZy52MS5MaXN0Sm9ic1Jlc3BvbnNlIhiC0+STAhISEC92MS9pbWcyaW1nL2pvYnNiBnByb3RvMw", [file_google_api_annotations, file_google_api_field_behavior, file_google_rpc_status, file_kiln_common_v1_artifact, file_kiln_common_v1_job, file_kiln_common_v1_service_info]);
 
 /**
  * One img2img job.
- * Next free field: 13
+ * Next free field: 14
  *
  * @generated from message kiln.img2img.v1.GenerateRequest
  */
@@ -115,12 +115,24 @@ export type GenerateRequest = Message<"kiln.img2img.v1.GenerateRequest"> & {
   delivery: ArtifactDelivery;
 
   /**
-   * Optional. Caller's idempotency or correlation id, echoed in logs; at
-   * most 128 characters.
+   * Optional. Idempotency key (AIP-155), at most 128 characters; a UUID4 is
+   * a good choice. A second `Generate` with the same id and the same request
+   * within the retention period attaches to the first job (its events from
+   * the start; the model runs once); the same id with a different request is
+   * INVALID_ARGUMENT naming `client_request_id`. Also echoed in logs.
    *
    * @generated from field: string client_request_id = 12;
    */
   clientRequestId: string;
+
+  /**
+   * Optional. What a dropped stream means for the job; see
+   * `DisconnectPolicy`. Not part of the request compared for
+   * `client_request_id`.
+   *
+   * @generated from field: kiln.common.v1.DisconnectPolicy on_disconnect = 13;
+   */
+  onDisconnect: DisconnectPolicy;
 };
 
 /**
@@ -274,8 +286,8 @@ export const ResultSchema: GenMessage<Result> = /*@__PURE__*/
   messageDesc(file_kiln_img2img_v1_img2img_service, 2);
 
 /**
- * One event of a `Generate` stream.
- * Next free field: 7
+ * One event of a `Generate` or `WatchJob` stream.
+ * Next free field: 8
  *
  * @generated from message kiln.img2img.v1.GenerateResponse
  */
@@ -336,6 +348,15 @@ export type GenerateResponse = Message<"kiln.img2img.v1.GenerateResponse"> & {
     value: Status;
     case: "error";
   } | { case: undefined; value?: undefined };
+
+  /**
+   * Required. Position of this event in its job, 1 for `accepted` and one
+   * more for each event after it. `WatchJob(after_sequence)` resumes after
+   * it.
+   *
+   * @generated from field: int64 sequence = 7;
+   */
+  sequence: bigint;
 };
 
 /**
@@ -462,6 +483,228 @@ export const GetInfoResponseSchema: GenMessage<GetInfoResponse> = /*@__PURE__*/
   messageDesc(file_kiln_img2img_v1_img2img_service, 6);
 
 /**
+ * A job: its common status, what was asked, and what came out.
+ * Next free field: 4
+ *
+ * @generated from message kiln.img2img.v1.Job
+ */
+export type Job = Message<"kiln.img2img.v1.Job"> & {
+  /**
+   * Required. State, queue position, progress, times and error.
+   *
+   * @generated from field: kiln.common.v1.JobStatus status = 1;
+   */
+  status?: JobStatus | undefined;
+
+  /**
+   * Required. The request as submitted, without the image bytes.
+   *
+   * @generated from field: kiln.img2img.v1.GenerateRequest request = 2;
+   */
+  request?: GenerateRequest | undefined;
+
+  /**
+   * Optional. The result, once the job has succeeded. Artifacts are
+   * referenced by id and URI (download them); no inline bytes.
+   *
+   * @generated from field: kiln.img2img.v1.Result result = 3;
+   */
+  result?: Result | undefined;
+};
+
+/**
+ * Describes the message kiln.img2img.v1.Job.
+ * Use `create(JobSchema)` to create a new message.
+ */
+export const JobSchema: GenMessage<Job> = /*@__PURE__*/
+  messageDesc(file_kiln_img2img_v1_img2img_service, 7);
+
+/**
+ * Asks for one job.
+ * Next free field: 2
+ *
+ * @generated from message kiln.img2img.v1.GetJobRequest
+ */
+export type GetJobRequest = Message<"kiln.img2img.v1.GetJobRequest"> & {
+  /**
+   * Required. The job id from `Accepted.job_id`.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+};
+
+/**
+ * Describes the message kiln.img2img.v1.GetJobRequest.
+ * Use `create(GetJobRequestSchema)` to create a new message.
+ */
+export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_img2img_v1_img2img_service, 8);
+
+/**
+ * One job.
+ * Next free field: 2
+ *
+ * @generated from message kiln.img2img.v1.GetJobResponse
+ */
+export type GetJobResponse = Message<"kiln.img2img.v1.GetJobResponse"> & {
+  /**
+   * Required. The job.
+   *
+   * @generated from field: kiln.img2img.v1.Job job = 1;
+   */
+  job?: Job | undefined;
+};
+
+/**
+ * Describes the message kiln.img2img.v1.GetJobResponse.
+ * Use `create(GetJobResponseSchema)` to create a new message.
+ */
+export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
+  messageDesc(file_kiln_img2img_v1_img2img_service, 9);
+
+/**
+ * Asks for a job's events from a cursor.
+ * Next free field: 3
+ *
+ * @generated from message kiln.img2img.v1.WatchJobRequest
+ */
+export type WatchJobRequest = Message<"kiln.img2img.v1.WatchJobRequest"> & {
+  /**
+   * Required. The job id from `Accepted.job_id`.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Optional. Send only events with a larger `sequence`; 0 (the default)
+   * replays from `accepted`. A client that lost its stream sends the last
+   * sequence it received.
+   *
+   * @generated from field: int64 after_sequence = 2;
+   */
+  afterSequence: bigint;
+};
+
+/**
+ * Describes the message kiln.img2img.v1.WatchJobRequest.
+ * Use `create(WatchJobRequestSchema)` to create a new message.
+ */
+export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_img2img_v1_img2img_service, 10);
+
+/**
+ * Asks to cancel one job.
+ * Next free field: 2
+ *
+ * @generated from message kiln.img2img.v1.CancelJobRequest
+ */
+export type CancelJobRequest = Message<"kiln.img2img.v1.CancelJobRequest"> & {
+  /**
+   * Required. The job id from `Accepted.job_id`.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+};
+
+/**
+ * Describes the message kiln.img2img.v1.CancelJobRequest.
+ * Use `create(CancelJobRequestSchema)` to create a new message.
+ */
+export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_img2img_v1_img2img_service, 11);
+
+/**
+ * The job after the cancellation request.
+ * Next free field: 2
+ *
+ * @generated from message kiln.img2img.v1.CancelJobResponse
+ */
+export type CancelJobResponse = Message<"kiln.img2img.v1.CancelJobResponse"> & {
+  /**
+   * Required. The job: `CANCELLED` once the run has stopped, or its earlier
+   * terminal state if it had already ended.
+   *
+   * @generated from field: kiln.img2img.v1.Job job = 1;
+   */
+  job?: Job | undefined;
+};
+
+/**
+ * Describes the message kiln.img2img.v1.CancelJobResponse.
+ * Use `create(CancelJobResponseSchema)` to create a new message.
+ */
+export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
+  messageDesc(file_kiln_img2img_v1_img2img_service, 12);
+
+/**
+ * Asks for a page of recent jobs (AIP-158).
+ * Next free field: 4
+ *
+ * @generated from message kiln.img2img.v1.ListJobsRequest
+ */
+export type ListJobsRequest = Message<"kiln.img2img.v1.ListJobsRequest"> & {
+  /**
+   * Optional. Jobs per page, in [0, 100]; 0 means 20.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * Optional. `next_page_token` of the previous page; empty for the first.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Optional. Only jobs in one of these states; empty lists every state.
+   *
+   * @generated from field: repeated kiln.common.v1.JobState states = 3;
+   */
+  states: JobState[];
+};
+
+/**
+ * Describes the message kiln.img2img.v1.ListJobsRequest.
+ * Use `create(ListJobsRequestSchema)` to create a new message.
+ */
+export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_img2img_v1_img2img_service, 13);
+
+/**
+ * A page of jobs, newest first.
+ * Next free field: 3
+ *
+ * @generated from message kiln.img2img.v1.ListJobsResponse
+ */
+export type ListJobsResponse = Message<"kiln.img2img.v1.ListJobsResponse"> & {
+  /**
+   * Required. The jobs, newest first.
+   *
+   * @generated from field: repeated kiln.img2img.v1.Job jobs = 1;
+   */
+  jobs: Job[];
+
+  /**
+   * Optional. Pass as `page_token` for the next page; empty on the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message kiln.img2img.v1.ListJobsResponse.
+ * Use `create(ListJobsResponseSchema)` to create a new message.
+ */
+export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
+  messageDesc(file_kiln_img2img_v1_img2img_service, 14);
+
+/**
  * Noise scheduler (sampler) for the denoising loop, built from the model's
  * own scheduler config.
  *
@@ -581,6 +824,8 @@ export const Img2ImgProvider: GenService<{
    * A failure after the first event arrives as the `error` event and ends the
    * call with the same status. Cancelling the call stops the run within one
    * step and stores nothing.
+   * `WatchJob` answers the same events, so one reader serves both.
+   * buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
    *
    * @generated from rpc kiln.img2img.v1.Img2ImgProvider.Generate
    */
@@ -599,6 +844,62 @@ export const Img2ImgProvider: GenService<{
     methodKind: "unary";
     input: typeof GetInfoRequestSchema;
     output: typeof GetInfoResponseSchema;
+  },
+  /**
+   * The job's current state, its request (without the image), last progress
+   * and result or error. Answers for a running job on the replica that runs
+   * it (clients send back the session header of its `Generate` response) and
+   * for a finished job on any replica that shares the artifact store, for
+   * the retention period (`jobs.retention_s`); NOT_FOUND after that.
+   *
+   * @generated from rpc kiln.img2img.v1.Img2ImgProvider.GetJob
+   */
+  getJob: {
+    methodKind: "unary";
+    input: typeof GetJobRequestSchema;
+    output: typeof GetJobResponseSchema;
+  },
+  /**
+   * Streams the job's events after `after_sequence`: first the retained
+   * events (replayed), then live ones until the terminal `result` or `error`;
+   * a finished job replays and ends. The events and the final status are
+   * those of `Generate`, each with its `sequence`. A watcher keeps a job
+   * whose `Generate` stream was dropped from being cancelled.
+   * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+   * buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+   *
+   * @generated from rpc kiln.img2img.v1.Img2ImgProvider.WatchJob
+   */
+  watchJob: {
+    methodKind: "server_streaming";
+    input: typeof WatchJobRequestSchema;
+    output: typeof GenerateResponseSchema;
+  },
+  /**
+   * Cancels a queued or running job (the run stops within one step, nothing
+   * is stored) and returns it. Idempotent: a finished job is returned as it
+   * is, unchanged. A replica that does not run the job (the request came
+   * without the session header) leaves the cancellation in the shared store
+   * for the one that does, which acts on it within `jobs.heartbeat_s`; the
+   * answer then still shows the job running.
+   *
+   * @generated from rpc kiln.img2img.v1.Img2ImgProvider.CancelJob
+   */
+  cancelJob: {
+    methodKind: "unary";
+    input: typeof CancelJobRequestSchema;
+    output: typeof CancelJobResponseSchema;
+  },
+  /**
+   * Recent jobs, newest first: the answering replica's own jobs and the
+   * finished ones of every replica sharing its artifact store.
+   *
+   * @generated from rpc kiln.img2img.v1.Img2ImgProvider.ListJobs
+   */
+  listJobs: {
+    methodKind: "unary";
+    input: typeof ListJobsRequestSchema;
+    output: typeof ListJobsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kiln_img2img_v1_img2img_service, 0);

@@ -10,7 +10,7 @@ import type { Status } from "../../../google/rpc/status_pb.js";
 import { file_google_rpc_status } from "../../../google/rpc/status_pb.js";
 import type { Artifact, ArtifactChunk, ArtifactDelivery } from "../../common/v1/artifact_pb.js";
 import { file_kiln_common_v1_artifact } from "../../common/v1/artifact_pb.js";
-import type { Accepted, PhaseTiming, Progress, Provenance, Queued } from "../../common/v1/job_pb.js";
+import type { Accepted, DisconnectPolicy, JobState, JobStatus, PhaseTiming, Progress, Provenance, Queued } from "../../common/v1/job_pb.js";
 import { file_kiln_common_v1_job } from "../../common/v1/job_pb.js";
 import type { FloatRange, IntRange, ModelInfo, ServerLimits } from "../../common/v1/service_info_pb.js";
 import { file_kiln_common_v1_service_info } from "../../common/v1/service_info_pb.js";
@@ -20,11 +20,11 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kiln/mesh/v1/mesh_service.proto.
  */
 export const file_kiln_mesh_v1_mesh_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9raWxuL21lc2gvdjEvbWVzaF9zZXJ2aWNlLnByb3RvEgxraWxuLm1lc2gudjEioQQKD0dlbmVyYXRlUmVxdWVzdBITCgVpbWFnZRgBIAEoDEIE4kEBAhI/ChFyZW1vdmVfYmFja2dyb3VuZBgCIAEoDjIeLmtpbG4ubWVzaC52MS5SZW1vdmVCYWNrZ3JvdW5kQgTiQQEBEiMKEGZvcmVncm91bmRfcmF0aW8YAyABKAJCBOJBAQFIAIgBARIgCg1tY19yZXNvbHV0aW9uGAQgASgFQgTiQQEBSAGIAQESHwoMbWNfdGhyZXNob2xkGAUgASgCQgTiQQEBSAKIAQESNQoNb3V0cHV0X2Zvcm1hdBgGIAEoDjIYLmtpbG4ubWVzaC52MS5NZXNoRm9ybWF0QgTiQQECEhoKDGJha2VfdGV4dHVyZRgHIAEoCEIE4kEBARIlChJ0ZXh0dXJlX3Jlc29sdXRpb24YCCABKAVCBOJBAQFIA4gBARIsCgVmcmFtZRgJIAEoDjIXLmtpbG4ubWVzaC52MS5NZXNoRnJhbWVCBOJBAQESOAoIZGVsaXZlcnkYCiABKA4yIC5raWxuLmNvbW1vbi52MS5BcnRpZmFjdERlbGl2ZXJ5QgTiQQEBEh8KEWNsaWVudF9yZXF1ZXN0X2lkGAsgASgJQgTiQQEBQhMKEV9mb3JlZ3JvdW5kX3JhdGlvQhAKDl9tY19yZXNvbHV0aW9uQg8KDV9tY190aHJlc2hvbGRCFQoTX3RleHR1cmVfcmVzb2x1dGlvbiKzAgoTRWZmZWN0aXZlUGFyYW1ldGVycxIgChJiYWNrZ3JvdW5kX3JlbW92ZWQYASABKAhCBOJBAQMSHgoQZm9yZWdyb3VuZF9yYXRpbxgCIAEoAkIE4kEBAxIbCg1tY19yZXNvbHV0aW9uGAMgASgFQgTiQQEDEhoKDG1jX3RocmVzaG9sZBgEIAEoAkIE4kEBAxI1Cg1vdXRwdXRfZm9ybWF0GAUgASgOMhgua2lsbi5tZXNoLnYxLk1lc2hGb3JtYXRCBOJBAQMSGgoMYmFrZV90ZXh0dXJlGAYgASgIQgTiQQEDEiAKEnRleHR1cmVfcmVzb2x1dGlvbhgHIAEoBUIE4kEBAxIsCgVmcmFtZRgIIAEoDjIXLmtpbG4ubWVzaC52MS5NZXNoRnJhbWVCBOJBAQMimAIKBlJlc3VsdBIxCglhcnRpZmFjdHMYASADKAsyGC5raWxuLmNvbW1vbi52MS5BcnRpZmFjdEIE4kEBAxI7CgpwYXJhbWV0ZXJzGAIgASgLMiEua2lsbi5tZXNoLnYxLkVmZmVjdGl2ZVBhcmFtZXRlcnNCBOJBAQMSNAoKcHJvdmVuYW5jZRgDIAEoCzIaLmtpbG4uY29tbW9uLnYxLlByb3ZlbmFuY2VCBOJBAQMSMgoHdGltaW5ncxgEIAMoCzIbLmtpbG4uY29tbW9uLnYxLlBoYXNlVGltaW5nQgTiQQEDEhoKDHZlcnRleF9jb3VudBgFIAEoA0IE4kEBAxIYCgpmYWNlX2NvdW50GAYgASgDQgTiQQEDIp4CChBHZW5lcmF0ZVJlc3BvbnNlEiwKCGFjY2VwdGVkGAEgASgLMhgua2lsbi5jb21tb24udjEuQWNjZXB0ZWRIABIoCgZxdWV1ZWQYAiABKAsyFi5raWxuLmNvbW1vbi52MS5RdWV1ZWRIABIsCghwcm9ncmVzcxgDIAEoCzIYLmtpbG4uY29tbW9uLnYxLlByb2dyZXNzSAASLgoFY2h1bmsYBCABKAsyHS5raWxuLmNvbW1vbi52MS5BcnRpZmFjdENodW5rSAASJgoGcmVzdWx0GAUgASgLMhQua2lsbi5tZXNoLnYxLlJlc3VsdEgAEiMKBWVycm9yGAYgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXNIAEIHCgVldmVudCIQCg5HZXRJbmZvUmVxdWVzdCLQAgoPUGFyYW1ldGVyUmFuZ2VzEjoKEGZvcmVncm91bmRfcmF0aW8YASABKAsyGi5raWxuLmNvbW1vbi52MS5GbG9hdFJhbmdlQgTiQQEDEjUKDW1jX3Jlc29sdXRpb24YAiABKAsyGC5raWxuLmNvbW1vbi52MS5JbnRSYW5nZUIE4kEBAxI2CgxtY190aHJlc2hvbGQYAyABKAsyGi5raWxuLmNvbW1vbi52MS5GbG9hdFJhbmdlQgTiQQEDEjoKEnRleHR1cmVfcmVzb2x1dGlvbhgEIAEoCzIYLmtpbG4uY29tbW9uLnYxLkludFJhbmdlQgTiQQEDEjYKDm91dHB1dF9mb3JtYXRzGAUgAygOMhgua2lsbi5tZXNoLnYxLk1lc2hGb3JtYXRCBOJBAQMSHgoQY2FuX2Jha2VfdGV4dHVyZRgGIAEoCEIE4kEBAyKuAQoPR2V0SW5mb1Jlc3BvbnNlEi4KBW1vZGVsGAEgASgLMhkua2lsbi5jb21tb24udjEuTW9kZWxJbmZvQgTiQQEDEjIKBmxpbWl0cxgCIAEoCzIcLmtpbG4uY29tbW9uLnYxLlNlcnZlckxpbWl0c0IE4kEBAxI3CgpwYXJhbWV0ZXJzGAMgASgLMh0ua2lsbi5tZXNoLnYxLlBhcmFtZXRlclJhbmdlc0IE4kEBAyqMAQoQUmVtb3ZlQmFja2dyb3VuZBIhCh1SRU1PVkVfQkFDS0dST1VORF9VTlNQRUNJRklFRBAAEhoKFlJFTU9WRV9CQUNLR1JPVU5EX0FVVE8QARIcChhSRU1PVkVfQkFDS0dST1VORF9BTFdBWVMQAhIbChdSRU1PVkVfQkFDS0dST1VORF9ORVZFUhADKmgKCk1lc2hGb3JtYXQSGwoXTUVTSF9GT1JNQVRfVU5TUEVDSUZJRUQQABITCg9NRVNIX0ZPUk1BVF9HTEIQARITCg9NRVNIX0ZPUk1BVF9PQkoQAhITCg9NRVNIX0ZPUk1BVF9QTFkQAypTCglNZXNoRnJhbWUSGgoWTUVTSF9GUkFNRV9VTlNQRUNJRklFRBAAEhMKD01FU0hfRlJBTUVfWV9VUBABEhUKEU1FU0hfRlJBTUVfTkFUSVZFEAIy2AEKDE1lc2hQcm92aWRlchJpCghHZW5lcmF0ZRIdLmtpbG4ubWVzaC52MS5HZW5lcmF0ZVJlcXVlc3QaHi5raWxuLm1lc2gudjEuR2VuZXJhdGVSZXNwb25zZSIcgtPkkwIWOgEqIhEvdjEvbWVzaDpnZW5lcmF0ZTABEl0KB0dldEluZm8SHC5raWxuLm1lc2gudjEuR2V0SW5mb1JlcXVlc3QaHS5raWxuLm1lc2gudjEuR2V0SW5mb1Jlc3BvbnNlIhWC0+STAg8SDS92MS9tZXNoL2luZm9iBnByb3RvMw", [file_google_api_annotations, file_google_api_field_behavior, file_google_rpc_status, file_kiln_common_v1_artifact, file_kiln_common_v1_job, file_kiln_common_v1_service_info]);
+  fileDesc("Ch9raWxuL21lc2gvdjEvbWVzaF9zZXJ2aWNlLnByb3RvEgxraWxuLm1lc2gudjEi4AQKD0dlbmVyYXRlUmVxdWVzdBITCgVpbWFnZRgBIAEoDEIE4kEBAhI/ChFyZW1vdmVfYmFja2dyb3VuZBgCIAEoDjIeLmtpbG4ubWVzaC52MS5SZW1vdmVCYWNrZ3JvdW5kQgTiQQEBEiMKEGZvcmVncm91bmRfcmF0aW8YAyABKAJCBOJBAQFIAIgBARIgCg1tY19yZXNvbHV0aW9uGAQgASgFQgTiQQEBSAGIAQESHwoMbWNfdGhyZXNob2xkGAUgASgCQgTiQQEBSAKIAQESNQoNb3V0cHV0X2Zvcm1hdBgGIAEoDjIYLmtpbG4ubWVzaC52MS5NZXNoRm9ybWF0QgTiQQECEhoKDGJha2VfdGV4dHVyZRgHIAEoCEIE4kEBARIlChJ0ZXh0dXJlX3Jlc29sdXRpb24YCCABKAVCBOJBAQFIA4gBARIsCgVmcmFtZRgJIAEoDjIXLmtpbG4ubWVzaC52MS5NZXNoRnJhbWVCBOJBAQESOAoIZGVsaXZlcnkYCiABKA4yIC5raWxuLmNvbW1vbi52MS5BcnRpZmFjdERlbGl2ZXJ5QgTiQQEBEh8KEWNsaWVudF9yZXF1ZXN0X2lkGAsgASgJQgTiQQEBEj0KDW9uX2Rpc2Nvbm5lY3QYDCABKA4yIC5raWxuLmNvbW1vbi52MS5EaXNjb25uZWN0UG9saWN5QgTiQQEBQhMKEV9mb3JlZ3JvdW5kX3JhdGlvQhAKDl9tY19yZXNvbHV0aW9uQg8KDV9tY190aHJlc2hvbGRCFQoTX3RleHR1cmVfcmVzb2x1dGlvbiKzAgoTRWZmZWN0aXZlUGFyYW1ldGVycxIgChJiYWNrZ3JvdW5kX3JlbW92ZWQYASABKAhCBOJBAQMSHgoQZm9yZWdyb3VuZF9yYXRpbxgCIAEoAkIE4kEBAxIbCg1tY19yZXNvbHV0aW9uGAMgASgFQgTiQQEDEhoKDG1jX3RocmVzaG9sZBgEIAEoAkIE4kEBAxI1Cg1vdXRwdXRfZm9ybWF0GAUgASgOMhgua2lsbi5tZXNoLnYxLk1lc2hGb3JtYXRCBOJBAQMSGgoMYmFrZV90ZXh0dXJlGAYgASgIQgTiQQEDEiAKEnRleHR1cmVfcmVzb2x1dGlvbhgHIAEoBUIE4kEBAxIsCgVmcmFtZRgIIAEoDjIXLmtpbG4ubWVzaC52MS5NZXNoRnJhbWVCBOJBAQMimAIKBlJlc3VsdBIxCglhcnRpZmFjdHMYASADKAsyGC5raWxuLmNvbW1vbi52MS5BcnRpZmFjdEIE4kEBAxI7CgpwYXJhbWV0ZXJzGAIgASgLMiEua2lsbi5tZXNoLnYxLkVmZmVjdGl2ZVBhcmFtZXRlcnNCBOJBAQMSNAoKcHJvdmVuYW5jZRgDIAEoCzIaLmtpbG4uY29tbW9uLnYxLlByb3ZlbmFuY2VCBOJBAQMSMgoHdGltaW5ncxgEIAMoCzIbLmtpbG4uY29tbW9uLnYxLlBoYXNlVGltaW5nQgTiQQEDEhoKDHZlcnRleF9jb3VudBgFIAEoA0IE4kEBAxIYCgpmYWNlX2NvdW50GAYgASgDQgTiQQEDIrYCChBHZW5lcmF0ZVJlc3BvbnNlEiwKCGFjY2VwdGVkGAEgASgLMhgua2lsbi5jb21tb24udjEuQWNjZXB0ZWRIABIoCgZxdWV1ZWQYAiABKAsyFi5raWxuLmNvbW1vbi52MS5RdWV1ZWRIABIsCghwcm9ncmVzcxgDIAEoCzIYLmtpbG4uY29tbW9uLnYxLlByb2dyZXNzSAASLgoFY2h1bmsYBCABKAsyHS5raWxuLmNvbW1vbi52MS5BcnRpZmFjdENodW5rSAASJgoGcmVzdWx0GAUgASgLMhQua2lsbi5tZXNoLnYxLlJlc3VsdEgAEiMKBWVycm9yGAYgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXNIABIWCghzZXF1ZW5jZRgHIAEoA0IE4kEBA0IHCgVldmVudCIQCg5HZXRJbmZvUmVxdWVzdCLQAgoPUGFyYW1ldGVyUmFuZ2VzEjoKEGZvcmVncm91bmRfcmF0aW8YASABKAsyGi5raWxuLmNvbW1vbi52MS5GbG9hdFJhbmdlQgTiQQEDEjUKDW1jX3Jlc29sdXRpb24YAiABKAsyGC5raWxuLmNvbW1vbi52MS5JbnRSYW5nZUIE4kEBAxI2CgxtY190aHJlc2hvbGQYAyABKAsyGi5raWxuLmNvbW1vbi52MS5GbG9hdFJhbmdlQgTiQQEDEjoKEnRleHR1cmVfcmVzb2x1dGlvbhgEIAEoCzIYLmtpbG4uY29tbW9uLnYxLkludFJhbmdlQgTiQQEDEjYKDm91dHB1dF9mb3JtYXRzGAUgAygOMhgua2lsbi5tZXNoLnYxLk1lc2hGb3JtYXRCBOJBAQMSHgoQY2FuX2Jha2VfdGV4dHVyZRgGIAEoCEIE4kEBAyKuAQoPR2V0SW5mb1Jlc3BvbnNlEi4KBW1vZGVsGAEgASgLMhkua2lsbi5jb21tb24udjEuTW9kZWxJbmZvQgTiQQEDEjIKBmxpbWl0cxgCIAEoCzIcLmtpbG4uY29tbW9uLnYxLlNlcnZlckxpbWl0c0IE4kEBAxI3CgpwYXJhbWV0ZXJzGAMgASgLMh0ua2lsbi5tZXNoLnYxLlBhcmFtZXRlclJhbmdlc0IE4kEBAyKYAQoDSm9iEi8KBnN0YXR1cxgBIAEoCzIZLmtpbG4uY29tbW9uLnYxLkpvYlN0YXR1c0IE4kEBAxI0CgdyZXF1ZXN0GAIgASgLMh0ua2lsbi5tZXNoLnYxLkdlbmVyYXRlUmVxdWVzdEIE4kEBAxIqCgZyZXN1bHQYAyABKAsyFC5raWxuLm1lc2gudjEuUmVzdWx0QgTiQQEDIiUKDUdldEpvYlJlcXVlc3QSFAoGam9iX2lkGAEgASgJQgTiQQECIjYKDkdldEpvYlJlc3BvbnNlEiQKA2pvYhgBIAEoCzIRLmtpbG4ubWVzaC52MS5Kb2JCBOJBAQMiRQoPV2F0Y2hKb2JSZXF1ZXN0EhQKBmpvYl9pZBgBIAEoCUIE4kEBAhIcCg5hZnRlcl9zZXF1ZW5jZRgCIAEoA0IE4kEBASIoChBDYW5jZWxKb2JSZXF1ZXN0EhQKBmpvYl9pZBgBIAEoCUIE4kEBAiI5ChFDYW5jZWxKb2JSZXNwb25zZRIkCgNqb2IYASABKAsyES5raWxuLm1lc2gudjEuSm9iQgTiQQEDInQKD0xpc3RKb2JzUmVxdWVzdBIXCglwYWdlX3NpemUYASABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgCIAEoCUIE4kEBARIuCgZzdGF0ZXMYAyADKA4yGC5raWxuLmNvbW1vbi52MS5Kb2JTdGF0ZUIE4kEBASJYChBMaXN0Sm9ic1Jlc3BvbnNlEiUKBGpvYnMYASADKAsyES5raWxuLm1lc2gudjEuSm9iQgTiQQEDEh0KD25leHRfcGFnZV90b2tlbhgCIAEoCUIE4kEBAyqMAQoQUmVtb3ZlQmFja2dyb3VuZBIhCh1SRU1PVkVfQkFDS0dST1VORF9VTlNQRUNJRklFRBAAEhoKFlJFTU9WRV9CQUNLR1JPVU5EX0FVVE8QARIcChhSRU1PVkVfQkFDS0dST1VORF9BTFdBWVMQAhIbChdSRU1PVkVfQkFDS0dST1VORF9ORVZFUhADKmgKCk1lc2hGb3JtYXQSGwoXTUVTSF9GT1JNQVRfVU5TUEVDSUZJRUQQABITCg9NRVNIX0ZPUk1BVF9HTEIQARITCg9NRVNIX0ZPUk1BVF9PQkoQAhITCg9NRVNIX0ZPUk1BVF9QTFkQAypTCglNZXNoRnJhbWUSGgoWTUVTSF9GUkFNRV9VTlNQRUNJRklFRBAAEhMKD01FU0hfRlJBTUVfWV9VUBABEhUKEU1FU0hfRlJBTUVfTkFUSVZFEAIyigUKDE1lc2hQcm92aWRlchJpCghHZW5lcmF0ZRIdLmtpbG4ubWVzaC52MS5HZW5lcmF0ZVJlcXVlc3QaHi5raWxuLm1lc2gudjEuR2VuZXJhdGVSZXNwb25zZSIcgtPkkwIWOgEqIhEvdjEvbWVzaDpnZW5lcmF0ZTABEl0KB0dldEluZm8SHC5raWxuLm1lc2gudjEuR2V0SW5mb1JlcXVlc3QaHS5raWxuLm1lc2gudjEuR2V0SW5mb1Jlc3BvbnNlIhWC0+STAg8SDS92MS9tZXNoL2luZm8SYwoGR2V0Sm9iEhsua2lsbi5tZXNoLnYxLkdldEpvYlJlcXVlc3QaHC5raWxuLm1lc2gudjEuR2V0Sm9iUmVzcG9uc2UiHoLT5JMCGBIWL3YxL21lc2gvam9icy97am9iX2lkfRJxCghXYXRjaEpvYhIdLmtpbG4ubWVzaC52MS5XYXRjaEpvYlJlcXVlc3QaHi5raWxuLm1lc2gudjEuR2VuZXJhdGVSZXNwb25zZSIkgtPkkwIeEhwvdjEvbWVzaC9qb2JzL3tqb2JfaWR9OndhdGNoMAESdgoJQ2FuY2VsSm9iEh4ua2lsbi5tZXNoLnYxLkNhbmNlbEpvYlJlcXVlc3QaHy5raWxuLm1lc2gudjEuQ2FuY2VsSm9iUmVzcG9uc2UiKILT5JMCIjoBKiIdL3YxL21lc2gvam9icy97am9iX2lkfTpjYW5jZWwSYAoITGlzdEpvYnMSHS5raWxuLm1lc2gudjEuTGlzdEpvYnNSZXF1ZXN0Gh4ua2lsbi5tZXNoLnYxLkxpc3RKb2JzUmVzcG9uc2UiFYLT5JMCDxINL3YxL21lc2gvam9ic2IGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_rpc_status, file_kiln_common_v1_artifact, file_kiln_common_v1_job, file_kiln_common_v1_service_info]);
 
 /**
  * One image-to-mesh job.
- * Next free field: 12
+ * Next free field: 13
  *
  * @generated from message kiln.mesh.v1.GenerateRequest
  */
@@ -104,12 +104,24 @@ export type GenerateRequest = Message<"kiln.mesh.v1.GenerateRequest"> & {
   delivery: ArtifactDelivery;
 
   /**
-   * Optional. Caller's idempotency or correlation id, echoed in logs; at
-   * most 128 characters.
+   * Optional. Idempotency key (AIP-155), at most 128 characters; a UUID4 is
+   * a good choice. A second `Generate` with the same id and the same request
+   * within the retention period attaches to the first job (its events from
+   * the start; the model runs once); the same id with a different request is
+   * INVALID_ARGUMENT naming `client_request_id`. Also echoed in logs.
    *
    * @generated from field: string client_request_id = 11;
    */
   clientRequestId: string;
+
+  /**
+   * Optional. What a dropped stream means for the job; see
+   * `DisconnectPolicy`. Not part of the request compared for
+   * `client_request_id`.
+   *
+   * @generated from field: kiln.common.v1.DisconnectPolicy on_disconnect = 12;
+   */
+  onDisconnect: DisconnectPolicy;
 };
 
 /**
@@ -248,8 +260,8 @@ export const ResultSchema: GenMessage<Result> = /*@__PURE__*/
   messageDesc(file_kiln_mesh_v1_mesh_service, 2);
 
 /**
- * One event of a `Generate` stream.
- * Next free field: 7
+ * One event of a `Generate` or `WatchJob` stream.
+ * Next free field: 8
  *
  * @generated from message kiln.mesh.v1.GenerateResponse
  */
@@ -310,6 +322,15 @@ export type GenerateResponse = Message<"kiln.mesh.v1.GenerateResponse"> & {
     value: Status;
     case: "error";
   } | { case: undefined; value?: undefined };
+
+  /**
+   * Required. Position of this event in its job, 1 for `accepted` and one
+   * more for each event after it. `WatchJob(after_sequence)` resumes after
+   * it.
+   *
+   * @generated from field: int64 sequence = 7;
+   */
+  sequence: bigint;
 };
 
 /**
@@ -427,6 +448,228 @@ export type GetInfoResponse = Message<"kiln.mesh.v1.GetInfoResponse"> & {
  */
 export const GetInfoResponseSchema: GenMessage<GetInfoResponse> = /*@__PURE__*/
   messageDesc(file_kiln_mesh_v1_mesh_service, 6);
+
+/**
+ * A job: its common status, what was asked, and what came out.
+ * Next free field: 4
+ *
+ * @generated from message kiln.mesh.v1.Job
+ */
+export type Job = Message<"kiln.mesh.v1.Job"> & {
+  /**
+   * Required. State, queue position, progress, times and error.
+   *
+   * @generated from field: kiln.common.v1.JobStatus status = 1;
+   */
+  status?: JobStatus | undefined;
+
+  /**
+   * Required. The request as submitted, without the image bytes.
+   *
+   * @generated from field: kiln.mesh.v1.GenerateRequest request = 2;
+   */
+  request?: GenerateRequest | undefined;
+
+  /**
+   * Optional. The result, once the job has succeeded. Artifacts are
+   * referenced by id and URI (download them); no inline bytes.
+   *
+   * @generated from field: kiln.mesh.v1.Result result = 3;
+   */
+  result?: Result | undefined;
+};
+
+/**
+ * Describes the message kiln.mesh.v1.Job.
+ * Use `create(JobSchema)` to create a new message.
+ */
+export const JobSchema: GenMessage<Job> = /*@__PURE__*/
+  messageDesc(file_kiln_mesh_v1_mesh_service, 7);
+
+/**
+ * Asks for one job.
+ * Next free field: 2
+ *
+ * @generated from message kiln.mesh.v1.GetJobRequest
+ */
+export type GetJobRequest = Message<"kiln.mesh.v1.GetJobRequest"> & {
+  /**
+   * Required. The job id from `Accepted.job_id`.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+};
+
+/**
+ * Describes the message kiln.mesh.v1.GetJobRequest.
+ * Use `create(GetJobRequestSchema)` to create a new message.
+ */
+export const GetJobRequestSchema: GenMessage<GetJobRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_mesh_v1_mesh_service, 8);
+
+/**
+ * One job.
+ * Next free field: 2
+ *
+ * @generated from message kiln.mesh.v1.GetJobResponse
+ */
+export type GetJobResponse = Message<"kiln.mesh.v1.GetJobResponse"> & {
+  /**
+   * Required. The job.
+   *
+   * @generated from field: kiln.mesh.v1.Job job = 1;
+   */
+  job?: Job | undefined;
+};
+
+/**
+ * Describes the message kiln.mesh.v1.GetJobResponse.
+ * Use `create(GetJobResponseSchema)` to create a new message.
+ */
+export const GetJobResponseSchema: GenMessage<GetJobResponse> = /*@__PURE__*/
+  messageDesc(file_kiln_mesh_v1_mesh_service, 9);
+
+/**
+ * Asks for a job's events from a cursor.
+ * Next free field: 3
+ *
+ * @generated from message kiln.mesh.v1.WatchJobRequest
+ */
+export type WatchJobRequest = Message<"kiln.mesh.v1.WatchJobRequest"> & {
+  /**
+   * Required. The job id from `Accepted.job_id`.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Optional. Send only events with a larger `sequence`; 0 (the default)
+   * replays from `accepted`. A client that lost its stream sends the last
+   * sequence it received.
+   *
+   * @generated from field: int64 after_sequence = 2;
+   */
+  afterSequence: bigint;
+};
+
+/**
+ * Describes the message kiln.mesh.v1.WatchJobRequest.
+ * Use `create(WatchJobRequestSchema)` to create a new message.
+ */
+export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_mesh_v1_mesh_service, 10);
+
+/**
+ * Asks to cancel one job.
+ * Next free field: 2
+ *
+ * @generated from message kiln.mesh.v1.CancelJobRequest
+ */
+export type CancelJobRequest = Message<"kiln.mesh.v1.CancelJobRequest"> & {
+  /**
+   * Required. The job id from `Accepted.job_id`.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+};
+
+/**
+ * Describes the message kiln.mesh.v1.CancelJobRequest.
+ * Use `create(CancelJobRequestSchema)` to create a new message.
+ */
+export const CancelJobRequestSchema: GenMessage<CancelJobRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_mesh_v1_mesh_service, 11);
+
+/**
+ * The job after the cancellation request.
+ * Next free field: 2
+ *
+ * @generated from message kiln.mesh.v1.CancelJobResponse
+ */
+export type CancelJobResponse = Message<"kiln.mesh.v1.CancelJobResponse"> & {
+  /**
+   * Required. The job: `CANCELLED` once the run has stopped, or its earlier
+   * terminal state if it had already ended.
+   *
+   * @generated from field: kiln.mesh.v1.Job job = 1;
+   */
+  job?: Job | undefined;
+};
+
+/**
+ * Describes the message kiln.mesh.v1.CancelJobResponse.
+ * Use `create(CancelJobResponseSchema)` to create a new message.
+ */
+export const CancelJobResponseSchema: GenMessage<CancelJobResponse> = /*@__PURE__*/
+  messageDesc(file_kiln_mesh_v1_mesh_service, 12);
+
+/**
+ * Asks for a page of recent jobs (AIP-158).
+ * Next free field: 4
+ *
+ * @generated from message kiln.mesh.v1.ListJobsRequest
+ */
+export type ListJobsRequest = Message<"kiln.mesh.v1.ListJobsRequest"> & {
+  /**
+   * Optional. Jobs per page, in [0, 100]; 0 means 20.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * Optional. `next_page_token` of the previous page; empty for the first.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Optional. Only jobs in one of these states; empty lists every state.
+   *
+   * @generated from field: repeated kiln.common.v1.JobState states = 3;
+   */
+  states: JobState[];
+};
+
+/**
+ * Describes the message kiln.mesh.v1.ListJobsRequest.
+ * Use `create(ListJobsRequestSchema)` to create a new message.
+ */
+export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
+  messageDesc(file_kiln_mesh_v1_mesh_service, 13);
+
+/**
+ * A page of jobs, newest first.
+ * Next free field: 3
+ *
+ * @generated from message kiln.mesh.v1.ListJobsResponse
+ */
+export type ListJobsResponse = Message<"kiln.mesh.v1.ListJobsResponse"> & {
+  /**
+   * Required. The jobs, newest first.
+   *
+   * @generated from field: repeated kiln.mesh.v1.Job jobs = 1;
+   */
+  jobs: Job[];
+
+  /**
+   * Optional. Pass as `page_token` for the next page; empty on the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message kiln.mesh.v1.ListJobsResponse.
+ * Use `create(ListJobsResponseSchema)` to create a new message.
+ */
+export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
+  messageDesc(file_kiln_mesh_v1_mesh_service, 14);
 
 /**
  * Whether to remove the input's background before reconstruction.
@@ -560,6 +803,8 @@ export const MeshProvider: GenService<{
    * after the first event arrives as the `error` event and ends the call with
    * the same status. Cancelling the call stops the run between chunks and
    * stores nothing.
+   * `WatchJob` answers the same events, so one reader serves both.
+   * buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
    *
    * @generated from rpc kiln.mesh.v1.MeshProvider.Generate
    */
@@ -578,6 +823,62 @@ export const MeshProvider: GenService<{
     methodKind: "unary";
     input: typeof GetInfoRequestSchema;
     output: typeof GetInfoResponseSchema;
+  },
+  /**
+   * The job's current state, its request (without the image), last progress
+   * and result or error. Answers for a running job on the replica that runs
+   * it (clients send back the session header of its `Generate` response) and
+   * for a finished job on any replica that shares the artifact store, for
+   * the retention period (`jobs.retention_s`); NOT_FOUND after that.
+   *
+   * @generated from rpc kiln.mesh.v1.MeshProvider.GetJob
+   */
+  getJob: {
+    methodKind: "unary";
+    input: typeof GetJobRequestSchema;
+    output: typeof GetJobResponseSchema;
+  },
+  /**
+   * Streams the job's events after `after_sequence`: first the retained
+   * events (replayed), then live ones until the terminal `result` or `error`;
+   * a finished job replays and ends. The events and the final status are
+   * those of `Generate`, each with its `sequence`. A watcher keeps a job
+   * whose `Generate` stream was dropped from being cancelled.
+   * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+   * buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+   *
+   * @generated from rpc kiln.mesh.v1.MeshProvider.WatchJob
+   */
+  watchJob: {
+    methodKind: "server_streaming";
+    input: typeof WatchJobRequestSchema;
+    output: typeof GenerateResponseSchema;
+  },
+  /**
+   * Cancels a queued or running job (the run stops within one step, nothing
+   * is stored) and returns it. Idempotent: a finished job is returned as it
+   * is, unchanged. A replica that does not run the job (the request came
+   * without the session header) leaves the cancellation in the shared store
+   * for the one that does, which acts on it within `jobs.heartbeat_s`; the
+   * answer then still shows the job running.
+   *
+   * @generated from rpc kiln.mesh.v1.MeshProvider.CancelJob
+   */
+  cancelJob: {
+    methodKind: "unary";
+    input: typeof CancelJobRequestSchema;
+    output: typeof CancelJobResponseSchema;
+  },
+  /**
+   * Recent jobs, newest first: the answering replica's own jobs and the
+   * finished ones of every replica sharing its artifact store.
+   *
+   * @generated from rpc kiln.mesh.v1.MeshProvider.ListJobs
+   */
+  listJobs: {
+    methodKind: "unary";
+    input: typeof ListJobsRequestSchema;
+    output: typeof ListJobsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_kiln_mesh_v1_mesh_service, 0);
