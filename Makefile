@@ -31,7 +31,7 @@ WEB_DEPS := $(WEB)/node_modules/.package-lock.json
 WEB_DIST := $(WEB)/dist/index.html
 WEB_SOURCES := $(shell find $(WEB)/src -type f 2>/dev/null) $(WEB)/build.mjs $(WEB)/package-lock.json
 
-.PHONY: help setup lock gen check-gen lint test bench up down clean web chromium
+.PHONY: help setup lock gen check-gen lint test bench up down clean web chromium device-check
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -139,6 +139,10 @@ bench: setup ## Run the benchmarks (ratios against in-process baselines)
 	$(PY) benchmarks/refused_upload_cpu.py
 	$(PY) benchmarks/artifact_io.py
 	$(PY) benchmarks/jobs.py
+	$(PY) benchmarks/img2img_batching.py
+
+device-check: setup ## CUDA machine: full-size models vs raw diffusers/TripoSR, CUDA tests (benchmarks/gpu)
+	$(PY) benchmarks/gpu/device_check.py
 
 up: setup ## Start the stack in the foreground (Ctrl-C stops it); see README
 	$(PY) deploy/local_stack.py up

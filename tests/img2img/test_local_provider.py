@@ -199,6 +199,9 @@ async def test_cancel_stops_within_a_step_and_frees_the_slot(
     assert server.runtime.admission.running == 0
     seen = len(steps_reported)
     assert seen < 10, f"{seen} steps ran after a cancel at step 1 of 60"
+    job = server.runtime.jobs.get(job_id)
+    assert job is not None
+    await job.wait_finished()  # the cancelled job's folder (its record) is removed before it ends
     assert not (server.runtime.store.root / job_id).exists()  # type: ignore[attr-defined]
     events = await events_of(stub.Generate(request()))
     assert events[-1].WhichOneof("event") == "result"

@@ -162,6 +162,9 @@ async def test_cancel_between_chunks_frees_the_slot(
         await asyncio.sleep(0.01)
     assert server.runtime.admission.running == 0
     assert len(reports) < 200, f"{len(reports)} progress reports after a cancel during extraction"
+    job = server.runtime.jobs.get(job_id)
+    assert job is not None
+    await job.wait_finished()  # the cancelled job's folder (its record) is removed before it ends
     assert not (server.runtime.store.root / job_id).exists()
     assert (await events_of(stub.Generate(request())))[-1].WhichOneof("event") == "result"
 

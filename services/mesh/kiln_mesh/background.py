@@ -4,7 +4,8 @@ rembg has traps for a server:
 `rembg.remove()` without `session=` and `new_session()` without a name both mean
 `bria-rmbg`, which rembg downloads from GitHub; a missing model file is fetched by pooch;
 `u2net_custom` refuses a `model_path` outside rembg's home; and without `providers=` rembg
-probes for GPUs. `BackgroundRemover` names the model, passes the session and the CPU provider
+probes for GPUs. `BackgroundRemover` names the model, passes the session and the providers
+(`choose_providers`: CUDA beside a CUDA model when onnxruntime-gpu is installed, else the CPU)
 explicitly, and, offline, checks for the model file itself before rembg can try a download.
 
 rembg is imported in `load()` only: importing it costs seconds (numba kernels of pymatting)
@@ -17,10 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -30,8 +31,47 @@ log = logging.getLogger(__name__)
 
 MODEL_PATH_SETTING = "KILN_MESH__TRIPOSR__REMBG_MODEL_PATH"
 MODEL_NAME_SETTING = "KILN_MESH__TRIPOSR__REMBG_MODEL"
+DEVICE_SETTING = "KILN_MESH__TRIPOSR__REMBG_DEVICE"
 PROVIDERS = ["CPUExecutionProvider"]
-"""u2net is small (~11 ms per image on CPU); keeping it off the GPU leaves that to TripoSR."""
+"""The CPU provider, always available and always the fallback."""
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# onnxruntime-gpu (the CUDA 12 build, matching torch's cu12 wheels) lists this provider; the plain
+# onnxruntime wheel does not. The two wheels install the same `onnxruntime` module and must not be
+# installed together, so a GPU image installs rembg without its [cpu] extra plus onnxruntime-gpu.
+
+RembgDevice = Literal["auto", "cpu", "cuda"]
+
+
+def choose_providers(device: RembgDevice, model_device: str, available: Sequence[str]) -> list[str]:
+    """The onnxruntime providers for rembg's session, best first.
+
+    u2net takes ~11 ms per image on a CPU core but a few ms on a GPU, which matters next to a
+    sub-second mesh path; on a CPU-only model there is no GPU to share.
+
+    Args:
+        device: The setting: "cpu", "cuda" (required), or "auto" (CUDA when the mesh model runs
+            on CUDA and the provider is installed).
+        model_device: The mesh model's torch device type ("cuda", "mps", "cpu").
+        available: `onnxruntime.get_available_providers()`.
+
+    Returns:
+        ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` or ``["CPUExecutionProvider"]``.
+
+    Raises:
+        ModelUnavailable: ``device`` is "cuda" but the installed onnxruntime has no CUDA provider.
+    """
+    if device == "cpu":
+        return list(PROVIDERS)
+    has_cuda = CUDA_PROVIDER in available
+    if device == "cuda" and not has_cuda:
+        raise ModelUnavailable(
+            f"{DEVICE_SETTING}=cuda but the installed onnxruntime offers only {list(available)}; install "
+            "onnxruntime-gpu (and not onnxruntime) or set it to auto or cpu"
+        )
+    if device == "cuda" or (model_device == "cuda" and has_cuda):
+        return [CUDA_PROVIDER, *PROVIDERS]
+    return list(PROVIDERS)
+
 
 # rembg reads U2NET_HOME when a session is created; `load()` may set it for a moment.
 _ENV_LOCK = threading.Lock()
@@ -93,17 +133,30 @@ class BackgroundRemover:
     job at a time anyway.
     """
 
-    def __init__(self, *, model_name: str = "u2net", model_path: Path | None = None, offline: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str = "u2net",
+        model_path: Path | None = None,
+        offline: bool = True,
+        device: RembgDevice = "cpu",
+        model_device: str = "cpu",
+    ) -> None:
         """Remember the configuration; nothing is imported or loaded until `load()`.
 
         Args:
             model_name: rembg session name used when `model_path` is None.
             model_path: A u2net-compatible ONNX file, loaded as rembg's `u2net_custom`.
             offline: Never let rembg download; a missing model is a load error instead.
+            device: Where rembg runs (see `choose_providers`).
+            model_device: The mesh model's device type, for ``device="auto"``.
         """
         self.model_name = model_name
         self.model_path = model_path
         self.offline = offline
+        self.device: RembgDevice = device
+        self.model_device = model_device
+        self.providers = list(PROVIDERS)  # chosen in load(), once onnxruntime is imported
         self._session: Any = None  # rembg.sessions.base.BaseSession (rembg is untyped)
         self._remove: Any = None  # rembg.remove
         self._load_lock = threading.Lock()
@@ -128,13 +181,15 @@ class BackgroundRemover:
             if self._session is not None:
                 return
             rembg = _import_rembg()
+            self.providers = choose_providers(self.device, self.model_device, _available_providers())
             if self.model_path is not None:
                 session = self._custom_session(rembg, self.model_path)
             else:
                 session = self._named_session(rembg)
             self._remove = rembg.remove
             self._session = session
-            log.info("background remover ready: %s", self.describe())
+            self.providers = _active_providers(session, self.providers)
+            log.info("background remover ready: %s on %s", self.describe(), self.providers[0])
 
     def close(self) -> None:
         """Drop the session (its onnxruntime graph and weights); `load()` builds it again."""
@@ -149,7 +204,7 @@ class BackgroundRemover:
                 f"{MODEL_PATH_SETTING}={model_path} is not a file; point it at a u2net-compatible ONNX model"
             )
         with _u2net_home(path.parent):
-            return rembg.new_session("u2net_custom", model_path=str(path), providers=list(PROVIDERS))
+            return rembg.new_session("u2net_custom", model_path=str(path), providers=list(self.providers))
 
     def _named_session(self, rembg: Any) -> Any:
         candidates = rembg_model_candidates(self.model_name)
@@ -167,7 +222,7 @@ class BackgroundRemover:
                 self.model_name,
                 candidates[0].parent,
             )
-        return rembg.new_session(self.model_name, providers=list(PROVIDERS))
+        return rembg.new_session(self.model_name, providers=list(self.providers))
 
     def __call__(self, image: Image.Image) -> Image.Image:
         """Cut the object out of `image`.
@@ -202,3 +257,24 @@ def _import_rembg() -> Any:
     except ImportError as err:
         raise ModelUnavailable(f"rembg is not installed ({err}); install rembg[cpu]") from err
     return rembg
+
+
+def _available_providers() -> list[str]:
+    # rembg imports onnxruntime itself, so it is importable once _import_rembg() has succeeded.
+    import onnxruntime  # type: ignore[import-untyped]
+
+    return list(onnxruntime.get_available_providers())
+
+
+def _active_providers(session: Any, requested: list[str]) -> list[str]:
+    """The providers the onnxruntime session really uses (rembg keeps it as `inner_session`).
+
+    onnxruntime does not fail when the CUDA provider cannot start (CUDA 12 libraries missing,
+    no device): it logs and runs on the CPU. Say so once here instead of leaving a silent
+    slowdown.
+    """
+    inner = getattr(session, "inner_session", None)
+    active = list(inner.get_providers()) if inner is not None else list(requested)
+    if CUDA_PROVIDER in requested and CUDA_PROVIDER not in active:
+        log.warning("rembg asked onnxruntime for %s but it runs on %s; check the CUDA 12 libraries", requested, active)
+    return active

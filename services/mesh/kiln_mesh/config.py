@@ -23,6 +23,34 @@ class TripoSRSettings(BaseModel):
     rembg_model_path: Path | None = Field(
         None, description="A u2net-compatible ONNX file to use instead of rembg's home (offline installs, tests)."
     )
+    rembg_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description=(
+            "Where rembg runs: auto = CUDA when the model runs on CUDA and the installed onnxruntime has the "
+            "CUDA provider (onnxruntime-gpu), else the CPU; cuda without that provider is a load error."
+        ),
+    )
+    autocast: Literal["auto", "off", "float16", "bfloat16"] = Field(
+        "auto",
+        description=(
+            "Run encode, grid and colour queries under torch.autocast in this dtype with float32 weights; off keeps "
+            "the device policy's weight dtype; auto = float16 on CUDA, off elsewhere."
+        ),
+    )
+    resident_path: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Keep the density volume, marching cubes, merging and colours on the model's device and copy only "
+            "the finished mesh to the host; auto = on for CUDA only (on elsewhere is for tests)."
+        ),
+    )
+    device_slab_points: PositiveInt = Field(
+        4_194_304,
+        description="Grid points per density slab and vertices per colour call on the resident path (64 rows at 256).",
+    )
+    warmup_resolution: int = Field(
+        32, ge=2, le=512, description="Grid resolution of the warm-up's one full mesh run (image to coloured mesh)."
+    )
 
 
 class StableFast3DSettings(BaseModel):

@@ -8,9 +8,9 @@ extension, the most common install failure of the original (spec 6.1):
 2. Density: queried in chunks of at most ``chunk_size`` points. The reference materialises all
    ``R**3`` points on the CPU up front (16.8 M at R = 256, 134 M at R = 512); here each chunk's
    points are generated for its range of flat indices directly on the query device, so memory is
-   bounded by the chunk size plus the one float32 output volume on the CPU (spec 6.2). On CUDA the
-   density queries run on the GPU chunk by chunk and each chunk's result is copied into the CPU
-   volume.
+   bounded by the chunk size plus the one float32 output volume on the CPU (spec 6.2). With a
+   CUDA device and this (host) path, each chunk's result is copied into the CPU volume; the
+   provider uses the resident path below on CUDA instead.
 3. Marching cubes on ``density - threshold`` at level 0, like the reference. On the CPU with
    PyMCubes (a registry wheel, nothing to compile); on CUDA with `kiln_mesh.mc_torch`, plain
    torch whose case table is derived from PyMCubes, so both give the same mesh bit for bit. The
@@ -22,6 +22,10 @@ extension, the most common install failure of the original (spec 6.1):
    density below the threshold.
 5. trimesh-compatible vertex merging (spec 3.9 step 6).
 6. Vertex colours queried at the merged vertices, chunked like the density.
+
+`extract_mesh_resident` is the same pipeline with every stage on the query device (the GPU):
+the volume is filled slab by slab in device memory, meshed there with `kiln_mesh.mc_torch`,
+merged and coloured there, and only the finished mesh is copied to the host.
 
 Progress callbacks may raise (e.g. ``kiln_runtime.errors.Cancelled``) to stop the work between
 chunks; the exception propagates and the partial volume is released.
@@ -49,9 +53,14 @@ __all__ = [
     "ProgressFn",
     "density_grid",
     "extract_mesh",
+    "extract_mesh_resident",
     "grid_points",
     "marching_cubes",
     "merge_vertices",
+    "merge_vertices_torch",
+    "resident_density_grid",
+    "resident_marching_cubes",
+    "resident_vertex_colors",
     "vertex_colors",
 ]
 
@@ -312,12 +321,18 @@ def _marching_cubes_torch(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """`marching_cubes` on ``device`` in torch, from the prepared ``density - threshold`` volume."""
     with torch.inference_mode():
-        # float64 index-unit vertices and the same world mapping as the PyMCubes path, operation
-        # for operation, so the two agree to the last bit.
-        raw_vertices, faces = marching_cubes_torch(torch.from_numpy(level).to(device), 0.0, dtype=torch.float64)
-        scale = torch.tensor(level.shape, dtype=torch.float64, device=device) - 1.0
-        vertices = (raw_vertices / scale * (2.0 * radius) - radius).to(torch.float32)
+        vertices, faces = _world_marching_cubes(torch.from_numpy(level).to(device), radius)
         return vertices.cpu().numpy(), faces.cpu().numpy()
+
+
+def _world_marching_cubes(level: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch marching cubes at level 0 of a prepared volume, vertices in world units, on its device."""
+    # float64 index-unit vertices and the same world mapping as the PyMCubes path, operation
+    # for operation, so the two agree to the last bit.
+    raw_vertices, faces = marching_cubes_torch(level, 0.0, dtype=torch.float64)
+    scale = torch.tensor(level.shape, dtype=torch.float64, device=level.device) - 1.0
+    vertices = (raw_vertices / scale * (2.0 * radius) - radius).to(torch.float32)
+    return vertices, faces
 
 
 def merge_vertices(
@@ -525,5 +540,244 @@ def _extract_mesh(
     else:
         colors = vertex_colors(color, vertices, chunk_size=chunk_size, device=device, on_chunk=later_stage)
     mesh = Mesh(vertices=vertices.astype(np.float32, copy=False), faces=faces, vertex_colors=colors)
+    report(total)
+    return mesh
+
+
+# --- the device-resident path -------------------------------------------------------------------
+#
+# On CUDA the path above would copy every density chunk to the host, copy the whole volume back
+# for the torch marching cubes, and copy each colour chunk out again. The resident path keeps the
+# volume, the raw mesh, the merge and the colours on the query device and copies the finished
+# mesh to the host once. It is the same arithmetic (tests run it with device="cpu" and compare it
+# with the functions above), so it gives the same mesh as the host path from the same volume.
+
+
+def resident_density_grid(
+    slab_density: SlabDensityFn,
+    *,
+    resolution: int,
+    rows: int,
+    device: str | torch.device,
+    on_chunk: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Fill an ``(R, R, R)`` float32 volume on ``device`` from a `SlabDensityFn`, ``rows`` x-rows a time.
+
+    Nothing is copied to the host: each slab is written into the device volume, so the loop
+    queues kernels without waiting for them (only ``on_chunk`` runs on the host in between).
+
+    Args:
+        slab_density: Density of x-rows ``start:stop``, ``[stop - start, R, R]`` on ``device``.
+        resolution: Samples per axis, R >= 2.
+        rows: x-rows per slab, >= 1 (a few million points per slab is fine on a GPU).
+        device: Where the volume lives; the slabs must be there too.
+        on_chunk: Called with ``(k, total)`` after slab ``k`` (1-based) is queued; may raise.
+
+    Returns:
+        The ``(R, R, R)`` float32 volume on ``device``.
+
+    Raises:
+        ValueError: On a bad argument or a slab of the wrong shape.
+    """
+    _check_grid_args(resolution, 1.0)
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    volume = torch.empty((resolution, resolution, resolution), dtype=torch.float32, device=device)
+    total = -(-resolution // rows)
+    with torch.inference_mode():
+        for index, start in enumerate(range(0, resolution, rows), start=1):
+            stop = min(start + rows, resolution)
+            slab = slab_density(start, stop)
+            if tuple(slab.shape) != (stop - start, resolution, resolution):
+                raise ValueError(f"slab density returned {tuple(slab.shape)} for rows {start}:{stop}")
+            volume[start:stop] = slab  # cast to float32 in place, as .float() on the host path
+            del slab
+            if on_chunk is not None:
+                on_chunk(index, total)
+    return volume
+
+
+def resident_marching_cubes(
+    volume: torch.Tensor, *, threshold: float, radius: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`marching_cubes` on the volume's own device with `kiln_mesh.mc_torch`, results left there.
+
+    The same preparation as `marching_cubes` (``density - threshold`` in float32, NaN refused,
+    infinities clipped to the largest float32) and the same world mapping, so the vertices equal
+    the PyMCubes path's bit for bit (faces in the same order, vertices numbered differently).
+
+    Args:
+        volume: ``(Ri, Rj, Rk)`` densities on any device (each axis >= 2); not modified.
+        threshold: Iso-level; inside is density above it.
+        radius: Half-size of the cube in world units.
+
+    Returns:
+        ``(vertices, faces)`` on the volume's device: float32 ``(V, 3)`` world positions and int64
+        ``(F, 3)`` triangles, counter-clockwise seen from outside. Both empty if there is no surface.
+
+    Raises:
+        ValueError: On a bad argument or if the volume contains NaN.
+    """
+    if volume.ndim != 3 or min(volume.shape) < 2:
+        raise ValueError(f"volume must be 3-D with at least 2 samples per axis, got shape {tuple(volume.shape)}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    _check_grid_args(2, radius)
+    with torch.inference_mode():
+        # The float32 threshold as a tensor, so the subtraction is float32 - float32 as in numpy.
+        level = volume.to(torch.float32) - torch.tensor(np.float32(threshold), device=volume.device)
+        if bool(torch.isnan(level).any()):  # one small device-to-host read
+            raise ValueError("the density volume contains NaN; the model produced invalid values")
+        big = float(np.finfo(np.float32).max)
+        level.clamp_(-big, big)
+        return _world_marching_cubes(level, radius)
+
+
+def merge_vertices_torch(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_vertices` in torch on the tensors' device: the same vertices and faces, same order.
+
+    Args:
+        vertices: ``(V, 3)`` positions.
+        faces: ``(F, 3)`` indices into ``vertices``.
+
+    Returns:
+        ``(vertices, faces)``: the kept rows of ``vertices`` and int64 faces, equal to what
+        `merge_vertices` returns for the same arrays.
+    """
+    faces = faces.to(torch.int64).reshape(-1, 3)
+    if faces.numel() == 0 or vertices.shape[0] == 0:
+        return vertices[:0], faces
+    device = vertices.device
+    referenced = torch.zeros(vertices.shape[0], dtype=torch.bool, device=device)
+    referenced[faces.reshape(-1)] = True
+    used = torch.nonzero(referenced).squeeze(1)
+    # trimesh's key: float64 * 10**digits rounded half to even (np.rint and torch.round agree).
+    keys = torch.round(vertices[used].to(torch.float64) * 10.0**_MERGE_DIGITS).to(torch.int64)
+    groups, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    count = groups.shape[0]
+    # First occurrence of each group (np.unique's return_index), then groups renumbered by it.
+    positions = torch.arange(used.shape[0], dtype=torch.int64, device=device)
+    first = torch.full((count,), used.shape[0], dtype=torch.int64, device=device)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    order = torch.argsort(first, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(count, dtype=torch.int64, device=device)
+    remap = torch.zeros(vertices.shape[0], dtype=torch.int64, device=device)
+    remap[used] = rank[inverse]
+    return vertices[used[first[order]]], remap[faces]
+
+
+def resident_vertex_colors(
+    color: ColorFn, vertices: torch.Tensor, *, chunk_size: int, on_chunk: ProgressFn | None = None
+) -> torch.Tensor:
+    """`vertex_colors` with the vertices and the result on the vertices' device.
+
+    Chunks are as large as ``chunk_size`` (on a GPU, usually all vertices in one call) and each
+    result is converted to uint8 where it was computed; nothing is copied to the host.
+
+    Returns:
+        ``(V, 3)`` uint8 on the vertices' device: ``round(c * 255)`` clipped to [0, 255], NaN -> 0.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    count = vertices.shape[0]
+    out = torch.empty((count, 3), dtype=torch.uint8, device=vertices.device)
+    chunks = -(-count // chunk_size)
+    with torch.inference_mode():
+        for chunk, start in enumerate(range(0, count, chunk_size), start=1):
+            stop = min(start + chunk_size, count)
+            rgb = color(vertices[start:stop].to(torch.float32))
+            if tuple(rgb.shape) != (stop - start, 3):
+                raise ValueError(f"color returned shape {tuple(rgb.shape)} for {stop - start} points; expected (N, 3)")
+            # float32 * 255 then round half to even, as np.rint on the host path.
+            scaled = torch.nan_to_num(torch.round(rgb.to(torch.float32) * 255.0), nan=0.0)
+            out[start:stop] = scaled.clamp_(0.0, 255.0).to(torch.uint8)
+            del rgb, scaled
+            if on_chunk is not None:
+                on_chunk(chunk, chunks)
+    return out
+
+
+def extract_mesh_resident(
+    slab_density: SlabDensityFn,
+    color: ColorFn | None,
+    *,
+    resolution: int,
+    threshold: float,
+    radius: float,
+    slab_points: int,
+    device: str | torch.device,
+    on_chunk: ProgressFn | None = None,
+) -> Mesh:
+    """`extract_mesh` with everything on ``device`` and one copy of the finished mesh to the host.
+
+    Grid (`resident_density_grid`, x-slabs of about ``slab_points`` points), marching cubes
+    (`resident_marching_cubes`, `kiln_mesh.mc_torch`), merging (`merge_vertices_torch`) and
+    colours (`resident_vertex_colors`, ``slab_points`` vertices per call) all stay on ``device``.
+    Progress follows `extract_mesh`: ``total`` = slabs + 1, the later stages report
+    ``(total - 1, total)``, the end ``(total, total)``.
+
+    Returns:
+        The mesh as `extract_mesh` returns it. From the same volume the vertices, faces and
+        colours equal the host path's with the torch marching cubes (see `marching_cubes`).
+
+    Raises:
+        EmptySurface: If the density never crosses ``threshold`` on the grid.
+        ValueError: On a bad argument or invalid model output.
+        Exception: Whatever ``slab_density``, ``color`` or ``on_chunk`` raises, unchanged.
+    """
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    _check_grid_args(resolution, radius)
+    if slab_points < 1:
+        raise ValueError(f"slab_points must be >= 1, got {slab_points}")
+    try:
+        return _extract_mesh_resident(
+            slab_density, color, resolution, threshold, radius, slab_points, torch.device(device), on_chunk
+        )
+    except BaseException as exc:
+        _release_frames(exc)
+        raise
+
+
+def _extract_mesh_resident(
+    slab_density: SlabDensityFn,
+    color: ColorFn | None,
+    resolution: int,
+    threshold: float,
+    radius: float,
+    slab_points: int,
+    device: torch.device,
+    on_chunk: ProgressFn | None,
+) -> Mesh:
+    rows = max(1, slab_points // (resolution * resolution))
+    total = -(-resolution // rows) + 1
+
+    def report(done: int, _chunks: int = 0) -> None:
+        if on_chunk is not None:
+            on_chunk(done, total)
+
+    def later_stage(_done: int = 0, _chunks: int = 0) -> None:
+        report(total - 1)
+
+    with torch.inference_mode():
+        volume = resident_density_grid(slab_density, resolution=resolution, rows=rows, device=device, on_chunk=report)
+        vertices, faces = resident_marching_cubes(volume, threshold=threshold, radius=radius)
+        if faces.shape[0] == 0:
+            low, high = float(volume.min()), float(volume.max())
+            raise EmptySurface(
+                f"no surface at threshold {threshold}: the density never crosses it (it ranges from {low:.4g} to "
+                f"{high:.4g} on the grid); lower mc_threshold or check the input image"
+            )
+        del volume
+        later_stage()
+        vertices, faces = merge_vertices_torch(vertices, faces)
+        later_stage()
+        if color is None:
+            colors = torch.full((vertices.shape[0], 3), _GREY, dtype=torch.uint8, device=device)
+        else:
+            colors = resident_vertex_colors(color, vertices, chunk_size=slab_points, on_chunk=later_stage)
+        # The one copy of the mesh to the host.
+        mesh = Mesh(vertices=vertices.cpu().numpy(), faces=faces.cpu().numpy(), vertex_colors=colors.cpu().numpy())
     report(total)
     return mesh

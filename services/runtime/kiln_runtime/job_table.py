@@ -111,6 +111,10 @@ class Job:
     _finished: asyncio.Event = field(default_factory=asyncio.Event)
     _record_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    async def wait_finished(self) -> None:
+        """Until the job has ended and the store has its final word (record written or removed)."""
+        await self._finished.wait()
+
     def events_after(self, sequence: int) -> list[tuple[int, JobEvent]]:
         """The retained events with a larger sequence number."""
         start = bisect.bisect_right(self.events, sequence, key=lambda item: item[0])
@@ -307,13 +311,15 @@ class JobTable:
         if key:
             self._by_request_id[key] = job
         job._append(first)
-        pending.accepted.set_result(job)
         self._update_gauges()
         # The terminal event is recorded once the runner has finished cleaning up (slot, model
         # hold), so a client that sees it can count on the server being at rest.
         terminal: JobEvent | None = None
         try:
-            self._save_soon(job)
+            # Stored before anybody hears of the job: from then on any replica sharing the store
+            # can answer for it, even if this one dies at once.
+            await self._save(job)
+            pending.accepted.set_result(job)
             async for event in events:
                 if isinstance(event, ResultEvent | ErrorEvent):
                     terminal = event
@@ -323,6 +329,8 @@ class JobTable:
             terminal = terminal or ErrorEvent(err)
         except asyncio.CancelledError:
             await _close(events)
+            if not pending.accepted.done():  # the submitter left while the first record was written
+                pending.accepted.cancel()
             terminal = terminal or ErrorEvent(Cancelled(job._cancel_reason or "the job was cancelled"))
         except Exception:
             log.exception("job %s failed unexpectedly", job.id)

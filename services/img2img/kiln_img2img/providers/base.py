@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from kiln_runtime.provider import Provider
+from kiln_runtime.provider import Provider, RunContext
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,17 @@ class Img2ImgOutput:
 
 class Img2ImgModel(Provider[Img2ImgInput, Img2ImgOutput], Protocol):
     """An img2img provider (local diffusers pipeline, vendor API, or the fake)."""
+
+
+@runtime_checkable
+class BatchingImg2ImgModel(Img2ImgModel, Protocol):
+    """An img2img provider that can run several compatible requests in one call.
+
+    The requests share `kiln_img2img.batcher.img2img_batch_key`. The result holds one outcome
+    per request, in order: its output, or the exception for that request alone (`Cancelled`
+    when its client left); an exception raised instead fails every request of the batch.
+    """
+
+    def run_batch(
+        self, requests: Sequence[Img2ImgInput], ctxs: Sequence[RunContext]
+    ) -> list[Img2ImgOutput | BaseException]: ...

@@ -38,6 +38,10 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
 )
 
 
+# Jobs per model call (dynamic batching), powers of two up to the largest allowed batch.
+BATCH_SIZE_BUCKETS: Final[tuple[float, ...]] = (1, 2, 4, 8, 16, 32, 64)
+
+
 class ServiceMetrics:
     """The metrics one model server exports, all prefixed `kiln_` and labelled with `service`.
 
@@ -68,6 +72,12 @@ class ServiceMetrics:
             `when` "admission" (before running) or "write" (the disk filled while storing).
         cleanups: `kiln_storage_cleanups_total{service}`, bound: retention sweeps run.
         cleanup_removed: `kiln_storage_cleanup_removed_jobs_total{service}`, bound: job folders they removed.
+        batch_size: `kiln_batch_size{service}`, bound: jobs per model call, observed once per batch
+            (only where dynamic batching is on; a batch of one is observed as 1).
+        vae_redecodes: `kiln_vae_redecodes_total{service,reason}`: images whose VAE decode was NaN or
+            all black (`reason` "nan" or "black") and were decoded again in float32 (img2img).
+        compile_fallbacks: `kiln_compile_fallbacks_total{service,module}`: calls of a compiled module
+            ("unet", "vae_decoder") with a shape the warm-up did not compile, run eagerly instead.
     """
 
     def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
@@ -190,6 +200,25 @@ class ServiceMetrics:
             ["service"],
             registry=self.registry,
         ).labels(service=service)
+        self.batch_size = Histogram(
+            "kiln_batch_size",
+            "Jobs that shared one model call (dynamic batching), observed once per call.",
+            ["service"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        ).labels(service=service)
+        self.vae_redecodes = Counter(
+            "kiln_vae_redecodes",
+            "Images whose VAE decode was NaN or all black and were decoded again in float32, by reason.",
+            ["service", "reason"],
+            registry=self.registry,
+        )
+        self.compile_fallbacks = Counter(
+            "kiln_compile_fallbacks",
+            "Calls of a compiled module with a shape the warm-up did not compile (run eagerly), by module.",
+            ["service", "module"],
+            registry=self.registry,
+        )
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Record one finished call: count it under its status code and observe its duration.
@@ -226,6 +255,22 @@ class ServiceMetrics:
             when: "admission" (refused before it ran) or "write" (the disk filled while storing).
         """
         self.storage_full.labels(service=self.service, when=when).inc()
+
+    def count_vae_redecode(self, reason: str) -> None:
+        """Count one image decoded again in float32.
+
+        Args:
+            reason: "nan" (NaN or inf in the decode) or "black" (every pixel 0).
+        """
+        self.vae_redecodes.labels(service=self.service, reason=reason).inc()
+
+    def count_compile_fallback(self, module: str) -> None:
+        """Count one eager call of a compiled module for a shape that was not warmed.
+
+        Args:
+            module: "unet" or "vae_decoder".
+        """
+        self.compile_fallbacks.labels(service=self.service, module=module).inc()
 
     def in_progress_for(self, method: str) -> Gauge:
         """The in-progress gauge bound to this service and `method` (for `inc()`/`dec()`)."""
