@@ -2,7 +2,7 @@
 
 The config is built as plain Python dicts and dumped with `yaml.safe_dump`: no template
 escaping, lists of replicas and origins are ordinary loops, and every value comes from the
-settings. Comments tagged "Pn" say in words the Envoy pitfall a setting exists for.
+settings. Comments say in words the Envoy pitfall a setting exists for.
 
 One listener serves native gRPC (h2c), gRPC-Web and JSON (HTTP/1.1 or h2) through the filter
 chain health_check → CORS → stateful_session → grpc_web → grpc_json_transcoder → router; one
@@ -104,7 +104,7 @@ def _cors_policy(settings: GatewaySettings) -> dict[str, Any]:
         # keeps the session header of a job's Generate response to send it back with that job.
         expose_headers=f"grpc-status,grpc-message,grpc-status-details-bin,x-request-id,{SESSION_HEADER}",
         max_age="86400",
-        # P10: a preflight from an origin not allowed is answered by Envoy (no ACAO), not forwarded
+        # A preflight from an origin not allowed is answered by Envoy (no ACAO), not forwarded
         # to the gRPC upstream, which would answer it with grpc-status 13 after a round trip.
         forward_not_matching_preflights=False,
     )
@@ -171,10 +171,10 @@ def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> 
     for service in (*SERVICES, ARTIFACTS):
         action = {
             "cluster": service.cluster,
-            # P5: the default 15 s route timeout resets a stream even while events flow.
+            # The default 15 s route timeout resets a stream even while events flow.
             "timeout": "0s",
             "idle_timeout": idle,
-            # P6: no max_stream_duration / grpc_timeout_header_max: Envoy would enforce grpc-timeout
+            # No max_stream_duration / grpc_timeout_header_max: Envoy would enforce grpc-timeout
             # itself and turn DEADLINE_EXCEEDED into INTERNAL. The servers enforce deadlines.
             "retry_policy": {
                 "retry_on": RETRY_ON,
@@ -201,7 +201,7 @@ def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> 
         # gRPC, gRPC-Web and transcoded JSON.
         grpc_route = {"match": {"prefix": f"/{service.grpc_service}/"}, "route": action, **buffer}
         routes.append({**grpc_route, "typed_per_filter_config": per_filter} if per_filter else grpc_route)
-        # P10: the CORS filter runs before the transcoder and looks up the route of the original
+        # The CORS filter runs before the transcoder and looks up the route of the original
         # REST path; without these routes OPTIONS /v1/... is a 404 and responses carry no ACAO.
         routes.append(
             {
@@ -350,20 +350,20 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
             "name": "envoy.filters.http.grpc_json_transcoder",
             "typed_config": _typed(
                 "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-                # P8: the descriptor must include google/rpc/error_details.proto (make gen does).
+                # The descriptor must include google/rpc/error_details.proto (make gen does).
                 proto_descriptor=str(settings.descriptor_path.resolve()),
                 services=[service.grpc_service for service in (*SERVICES, ARTIFACTS)],
                 # Errors before the first event become HTTP status + JSON google.rpc.Status body.
-                # Errors after it travel as the in-band `error` event (P7).
+                # Errors after it travel as the in-band `error` event.
                 convert_grpc_status=True,
                 print_options={
                     "always_print_primitive_fields": True,
-                    # P9: SSE gives text/event-stream with one `data: {...}` per event, readable
+                    # SSE gives text/event-stream with one `data: {...}` per event, readable
                     # incrementally; NDJSON one object per line; neither set gives one JSON array.
                     "stream_sse_style_delimited": settings.json_stream_format == "sse",
                     "stream_newline_delimited": settings.json_stream_format == "ndjson",
                 },
-                # P4: the default (the 1 MiB connection buffer) cuts results over 1 MiB after HTTP 200.
+                # The default (the 1 MiB connection buffer) cuts results over 1 MiB after HTTP 200.
                 # Any request within the image limit (base64 in JSON adds a third) reaches the server,
                 # which names `image` and the limit; larger bodies get the 413 of `_local_reply_config`.
                 max_request_body_size=max_json_request_bytes(settings.max_image_bytes),
@@ -407,7 +407,7 @@ def _too_large_mapper(settings: GatewaySettings) -> dict[str, Any]:
 
 
 def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
-    # P17: Envoy's own 4xx/5xx as JSON for JSON clients. A mapper filtered to >= 400, not a
+    # Envoy's own 4xx/5xx as JSON for JSON clients. A mapper filtered to >= 400, not a
     # top-level body_format, which would rewrite every local reply.
     return {
         "mappers": [
@@ -439,7 +439,7 @@ def _listener(settings: GatewaySettings, web_files: Sequence[str] | None) -> dic
         "stat_prefix": "kiln",
         # HTTP/1.1 for browsers and curl, h2c for gRPC clients, on one port.
         "codec_type": "AUTO",
-        # P5: the default 300 s would cut a stream whose steps are far apart.
+        # The default 300 s would cut a stream whose steps are far apart.
         "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
         "local_reply_config": _local_reply_config(settings),
         "route_config": {
@@ -519,7 +519,7 @@ def _cluster(settings: GatewaySettings, service: Service, upstreams: list[str]) 
             {
                 "timeout": _seconds(settings.health_check_timeout_s),
                 "interval": _seconds(settings.health_check_interval_s),
-                # P16: the default 60 s leaves an idle cluster's dead replica unnoticed for a minute.
+                # The default 60 s leaves an idle cluster's dead replica unnoticed for a minute.
                 "no_traffic_interval": _seconds(settings.health_check_no_traffic_interval_s),
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,

@@ -57,5 +57,5 @@ async def test_client_deadline_through_envoy_is_deadline_exceeded(envoy: Envoy) 
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in call:
                 pass
-    # Not INTERNAL: Envoy forwards grpc-timeout and the server enforces it (pitfall P6).
+    # Not INTERNAL: Envoy forwards grpc-timeout and the server enforces it.
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

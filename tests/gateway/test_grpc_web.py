@@ -1,4 +1,4 @@
-"""Binary gRPC-Web (`application/grpc-web+proto`, P12) through a real Envoy to real servers.
+"""Binary gRPC-Web (`application/grpc-web+proto`) through a real Envoy to real servers.
 
 One slow img2img server (5 steps x 0.3 s; prompts containing FAIL fail at step 2) and one mesh
 server behind one Envoy; a second img2img server with 5 MiB results behind its own Envoy.

@@ -1,4 +1,4 @@
-"""A 5 MiB result through Envoy over gRPC and JSON (P4), and a stream longer than 20 s (P5)."""
+"""A 5 MiB result through Envoy over gRPC and JSON, and a stream longer than 20 s."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ async def test_stream_longer_than_20_s_is_not_cut(slow_server: KilnServer) -> No
 
 
 async def test_json_result_over_the_transcoder_limit_is_cut(large_server: KilnServer) -> None:
-    """Why max_response_bytes exists (P4): with 1 MiB the 5 MiB result never arrives."""
+    """Why max_response_bytes exists: with 1 MiB the 5 MiB result never arrives."""
     events = []
     with envoy_for([large_server.port], max_response_bytes=MiB) as envoy:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{envoy.port}", timeout=60) as client:

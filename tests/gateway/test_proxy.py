@@ -175,7 +175,7 @@ async def test_json_failure_after_first_event_is_the_error_event(stack: Stack) -
         httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client,
         client.stream("POST", "/v1/img2img:generate", json=img2img_json(prompt="please FAIL")) as response,
     ):
-        assert response.status_code == 200  # the stream had started (P7)
+        assert response.status_code == 200  # the stream had started
         async for line in response.aiter_lines():
             if (event := sse_event(line)) is not None:
                 events.append(event)

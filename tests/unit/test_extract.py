@@ -79,7 +79,7 @@ def test_grid_points_c_order_and_world_mapping() -> None:
     np.testing.assert_allclose(points[r].numpy(), [-RADIUS, -RADIUS + step, -RADIUS], atol=1e-6)
     np.testing.assert_allclose(points[r * r].numpy(), [-RADIUS + step, -RADIUS, -RADIUS], atol=1e-6)
     np.testing.assert_allclose(points[-1].numpy(), [RADIUS] * 3, atol=1e-7)
-    # The reference's float32 formula, bit for bit (spec 3.9 step 1).
+    # The reference's float32 formula, bit for bit.
     t = torch.linspace(0, 1, r, dtype=torch.float32)
     assert torch.equal(points[:r, 2], t * (RADIUS - (-RADIUS)) + (-RADIUS))
 
@@ -320,7 +320,7 @@ def test_surface_touching_the_boundary_stays_open() -> None:
 def test_infinite_density_gives_finite_vertices() -> None:
     c = torch.tensor(CENTRE)
 
-    def overflowing(points: torch.Tensor) -> torch.Tensor:  # exp() overflow inside (spec 3.8)
+    def overflowing(points: torch.Tensor) -> torch.Tensor:  # exp() overflow inside
         return torch.where((points - c).norm(dim=-1) < SPHERE_R, torch.inf, 0.0)
 
     mesh = extract_mesh(overflowing, None, resolution=32, threshold=THRESHOLD, radius=RADIUS, chunk_size=4096)

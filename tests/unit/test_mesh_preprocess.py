@@ -1,4 +1,4 @@
-"""TripoSR input preprocessing (spec 3.1) and the offline rembg wrapper, step by step."""
+"""TripoSR input preprocessing and the offline rembg wrapper, step by step."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from kiln_runtime.model_source import ModelUnavailable
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-# --- reference oracles: the TripoSR code as spec 3.1 describes it, kept verbatim in spirit ---
+# --- reference oracles: what the original TripoSR preprocessing does, written independently ---
 
 
 def reference_resize_foreground(image: Image.Image, ratio: float) -> Image.Image:

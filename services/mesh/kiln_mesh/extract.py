@@ -1,14 +1,14 @@
 """Mesh extraction from a density field: grid queries, marching cubes, merging, vertex colours.
 
-Follows TripoSR's ``extract_mesh`` conventions (spec 3.9) without its compiled torchmcubes
-extension, the most common install failure of the original (spec 6.1):
+Follows TripoSR's ``extract_mesh`` conventions without its compiled torchmcubes
+extension, the most common install failure of the original:
 
 1. Grid: ``R`` samples per axis, ``t = linspace(0, 1, R)`` mapped to world units with
    ``t * 2r - r``, C order, index ``(i, j, k)`` <-> ``(x, y, z)``.
 2. Density: queried in chunks of at most ``chunk_size`` points. The reference materialises all
    ``R**3`` points on the CPU up front (16.8 M at R = 256, 134 M at R = 512); here each chunk's
    points are generated for its range of flat indices directly on the query device, so memory is
-   bounded by the chunk size plus the one float32 output volume on the CPU (spec 6.2). With a
+   bounded by the chunk size plus the one float32 output volume on the CPU. With a
    CUDA device and this (host) path, each chunk's result is copied into the CPU volume; the
    provider uses the resident path below on CUDA instead.
 3. Marching cubes on ``density - threshold`` at level 0, like the reference. On the CPU with
@@ -20,7 +20,7 @@ extension, the most common install failure of the original (spec 6.1):
    without a copy, and it needs nothing but numpy.
 4. Vertices back to world units; triangles counter-clockwise seen from outside, where outside is
    density below the threshold.
-5. trimesh-compatible vertex merging (spec 3.9 step 6).
+5. trimesh-compatible vertex merging.
 6. Vertex colours queried at the merged vertices, chunked like the density.
 
 `extract_mesh_resident` is the same pipeline with every stage on the query device (the GPU):
@@ -75,8 +75,8 @@ ProgressFn = Callable[[int, int], None]
 SlabDensityFn = Callable[[int, int], torch.Tensor]
 """``(chunks_done, chunks_total)``; may raise to cancel, and the exception propagates."""
 
-# trimesh merges vertices whose coordinates agree to tol.merge = 1e-8, i.e. 8 decimals (spec 3.9
-# step 6); its key is round(vertex * 10**8) as int64, which is what merge_vertices reproduces.
+# trimesh merges vertices whose coordinates agree to tol.merge = 1e-8, i.e. 8 decimals; its key is
+# round(vertex * 10**8) as int64, which is what merge_vertices reproduces.
 _MERGE_DIGITS: Final = 8
 # The grey used when no colour function is given (e.g. texture baking colours the mesh later).
 _GREY: Final = 128
@@ -94,7 +94,7 @@ class EmptySurface(ValueError):
 def _axis_coordinates(resolution: int, radius: float) -> torch.Tensor:
     """World coordinate of each grid index along one axis, float32 on the CPU.
 
-    Computed on the CPU whatever the query device, as the reference does (spec 3.9 step 1), so the
+    Computed on the CPU whatever the query device, as the reference does, so the
     grid is bit-identical on every device: ``linspace(0, 1, R) * (r - (-r)) + (-r)`` in float32.
     """
     t = torch.linspace(0.0, 1.0, resolution, dtype=torch.float32)
@@ -109,7 +109,7 @@ def _check_grid_args(resolution: int, radius: float) -> None:
 
 
 def grid_points(resolution: int, radius: float) -> torch.Tensor:
-    """All grid points at once, for tests and small resolutions (spec 3.9 step 1).
+    """All grid points at once, for tests and small resolutions.
 
     Args:
         resolution: Samples per axis, R >= 2.
@@ -190,7 +190,7 @@ def _release_frames(exc: BaseException) -> None:
     A traceback holds every frame it passed through, and with them the partial volume (up to
     512 MB at R = 512) and the last chunk's device tensors, for as long as anyone holds the
     exception (a logger, a test, a retry loop). After an OOM or a cancel that memory must come
-    back at once (spec 6.2), so the work runs in a helper whose frame is cleared here; frames
+    back at once, so the work runs in a helper whose frame is cleared here; frames
     still executing (the caller's) are skipped by `traceback.clear_frames`.
     """
     traceback.clear_frames(exc.__traceback__)
@@ -235,7 +235,7 @@ def _fill_volume(
             points = torch.empty((stop - start, 3), dtype=torch.float32, device=device)
             position = start
             while position < stop:
-                # Flat index (i * R + j) * R + k <-> (x_i, y_j, z_k): C order (spec 3.9 step 1).
+                # Flat index (i * R + j) * R + k <-> (x_i, y_j, z_k): C order.
                 i, offset = divmod(position, plane)
                 end = min(stop, (i + 1) * plane)
                 rows = slice(position - start, end - start)
@@ -269,14 +269,14 @@ def marching_cubes(
     same order (only the vertex numbering differs). Checked empirically (and pinned by tests on
     a sphere and an ellipsoid): PyMCubes returns vertices in array-index units in the array's
     own axis order (``(i, j, k)``, already TripoSR's ``(x, y, z)``; torchmcubes needed the
-    reversal ``(k, j, i) -> (i, j, k)`` of spec 3.9 step 4, PyMCubes does not), and its
+    reversal ``(k, j, i) -> (i, j, k)`` of the reference, PyMCubes does not), and its
     triangles are counter-clockwise seen from the side where the value is below the iso-level,
     which is TripoSR's outside. So no axis swap and no winding flip is needed.
 
     Args:
         volume: ``(Ri, Rj, Rk)`` densities on the grid of `grid_points` (each axis >= 2); not
             modified.
-        threshold: Iso-level; inside is density above it (spec 3.9 step 3).
+        threshold: Iso-level; inside is density above it.
         radius: Half-size of the cube in world units.
         device: Where marching cubes runs: a CUDA device runs it there in torch; None or any
             other device runs PyMCubes on the CPU.
@@ -285,7 +285,7 @@ def marching_cubes(
         ``(vertices, faces)`` as numpy arrays: float32 ``(V, 3)`` world positions in
         ``(x, y, z)`` and int64 ``(F, 3)`` triangles, counter-clockwise seen from outside
         (normals point from high to low density). Both empty if there is no surface. Surfaces
-        reaching the grid boundary stay open: the volume is not padded (spec 3.9 step 3).
+        reaching the grid boundary stay open: the volume is not padded.
 
     Raises:
         ValueError: On a bad argument or if the volume contains NaN.
@@ -295,12 +295,12 @@ def marching_cubes(
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
     _check_grid_args(2, radius)
-    # D - threshold at level 0, in float32, as the reference (spec 3.9 step 3); this also makes
+    # D - threshold at level 0, in float32, as the reference; this also makes
     # the copy that the clean-up below may modify.
     level = np.subtract(volume, np.float32(threshold), dtype=np.float32)
     if np.isnan(level).any():
         raise ValueError("the density volume contains NaN; the model produced invalid values")
-    # exp() overflows to +inf for large raw densities (spec 3.8); PyMCubes' interpolation turns
+    # exp() overflows to +inf for large raw densities; PyMCubes' interpolation turns
     # an infinite corner into NaN vertices. The largest float32 puts the vertex at the finite
     # corner instead, which is where an infinitely steep density crosses the threshold.
     big = np.finfo(np.float32).max
@@ -309,7 +309,7 @@ def marching_cubes(
         return _marching_cubes_torch(level, radius, torch.device(device))
     raw_vertices, raw_faces = mcubes.marching_cubes(level, 0.0)
     del level
-    # Index units -> [0, 1] -> world (spec 3.9 step 4), in float64 with one rounding to float32.
+    # Index units -> [0, 1] -> world, in float64 with one rounding to float32.
     scale = np.asarray(volume.shape, dtype=np.float64) - 1.0
     vertices = (np.asarray(raw_vertices, dtype=np.float64) / scale * (2.0 * radius) - radius).astype(np.float32)
     faces = np.asarray(raw_faces, dtype=np.int64).reshape(-1, 3)
@@ -342,7 +342,7 @@ def merge_vertices(
 
     Vertices are keyed by ``round(v * 1e8)`` (agreement to 8 decimals); only vertices that a face
     references take part; the survivors keep the order of their first occurrence; faces are
-    remapped. Degenerate faces are kept (spec 3.9 step 6).
+    remapped. Degenerate faces are kept.
 
     Args:
         vertices: ``(V, 3)`` positions.
@@ -399,7 +399,7 @@ def vertex_colors(
     device: str | torch.device = "cpu",
     on_chunk: ProgressFn | None = None,
 ) -> npt.NDArray[np.uint8]:
-    """Query the colour at each vertex, chunk by chunk, as uint8 RGB (spec 3.9 steps 5-6).
+    """Query the colour at each vertex, chunk by chunk, as uint8 RGB.
 
     Args:
         color: Colour function (see `ColorFn`); called under ``torch.inference_mode`` with at
@@ -450,7 +450,7 @@ def extract_mesh(
     on_chunk: ProgressFn | None = None,
     slab_density: SlabDensityFn | None = None,
 ) -> Mesh:
-    """Density function -> coloured triangle mesh in TripoSR's native frame (spec 3.9).
+    """Density function -> coloured triangle mesh in TripoSR's native frame.
 
     Grid densities (`density_grid`), marching cubes (`marching_cubes`), trimesh-compatible
     merging (`merge_vertices`), then colours at the merged vertices (`vertex_colors`).

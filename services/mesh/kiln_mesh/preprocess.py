@@ -34,7 +34,7 @@ def has_real_alpha(image: Image.Image) -> bool:
 
     Covers modes with an alpha band (RGBA, LA, PA, premultiplied RGBa/La) and palette, grey or
     RGB images with a `transparency` entry (a transparent palette index or colour key). An
-    alpha channel that is 255 everywhere is not "real": the reference (spec 3.1 step 1) then
+    alpha channel that is 255 everywhere is not "real": the reference then
     still runs background removal.
 
     Args:
@@ -57,7 +57,7 @@ def has_real_alpha(image: Image.Image) -> bool:
 
 
 def resize_foreground(image: Image.Image, ratio: float) -> Image.Image:
-    """Crop to the visible object and pad it so it fills `ratio` of a square (spec 3.1 step 2).
+    """Crop to the visible object and pad it so it fills `ratio` of a square.
 
     Exactly the reference's `resize_foreground`, off-by-one included:
 
@@ -111,7 +111,7 @@ def _pad_centered(array: np.ndarray, side: int) -> np.ndarray:
 
 
 def composite_grey(image: Image.Image) -> Image.Image:
-    """Composite an RGBA image over 50 % grey as the reference does (spec 3.1 step 3).
+    """Composite an RGBA image over 50 % grey as the reference does.
 
     float32 / 255, then rgb * a + 0.5 * (1 - a), * 255, converted to uint8 by truncation
     (numpy `astype`, no rounding), so values match the reference's `input.png` exactly.
@@ -136,7 +136,7 @@ def prepare_mesh_input(
     ratio: float,
     remove: BackgroundRemoverFn | None,
 ) -> tuple[Image.Image, bool]:
-    """Turn a decoded request image into the RGB image TripoSR conditions on (spec 3.1).
+    """Turn a decoded request image into the RGB image TripoSR conditions on.
 
     EXIF orientation is applied first in every mode, so what the model sees is upright as
     the user saw it. Then:
@@ -144,7 +144,7 @@ def prepare_mesh_input(
     - `AUTO`: an image with real alpha (see `has_real_alpha`) keeps it and skips removal,
       like the reference; otherwise `remove` cuts the object out.
     - `ALWAYS`: `remove` runs even when the image has alpha.
-    - `NEVER`: the reference's `--no-remove-bg` (spec 3.1 step 4): converted to RGB with any
+    - `NEVER`: the reference's `--no-remove-bg`: converted to RGB with any
       alpha dropped (not composited), no crop and no grey fill; the caller must send a
       well-framed object on a grey background.
 

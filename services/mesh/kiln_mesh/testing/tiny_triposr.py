@@ -292,7 +292,7 @@ def _plant_ellipsoid(state: dict[str, torch.Tensor], plane_size: int, normal: An
     import torch
 
     alpha = [_RHO**2 / s**2 for s in ELLIPSOID_SEMI_AXES]  # per world axis x, y, z
-    # Plane 0 holds (x cols, y rows), plane 1 (x, z), plane 2 (y, z) (spec 3.7).
+    # Plane 0 holds (x cols, y rows), plane 1 (x, z), plane 2 (y, z).
     plane_axes = ((0, 1), (0, 2), (1, 2))
     centres = (2 * torch.arange(plane_size, dtype=torch.float32) + 1) / plane_size - 1
     v, u = torch.meshgrid(centres, centres, indexing="ij")  # v varies along rows, u along columns

@@ -1,7 +1,7 @@
 """TripoSR's triplane path: learned tokens, the triplane transformer, the upsampler and the point MLP.
 
 Module and parameter names equal the checkpoint keys below `tokenizer.`, `backbone.`,
-`post_processor.` and `decoder.` (spec section 2).
+`post_processor.` and `decoder.`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
 
 
 class Triplane1DTokenizer(nn.Module):
-    """Learned triplane tokens [3, C, P, P], flattened plane-major, then row, then column (spec 3.4).
+    """Learned triplane tokens [3, C, P, P], flattened plane-major, then row, then column.
 
     Args:
         config: Plane size and channels.
@@ -75,14 +75,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         source = x if context is None else context
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(source)), self._split(self.to_v(source))
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, no mask (spec 3.5)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v, no mask
         batch, _, length, _ = out.shape
         projected: Tensor = self.to_out[0](out.transpose(1, 2).reshape(batch, length, -1))
         return projected
 
 
 class GEGLU(nn.Module):
-    """Linear to 2 x hidden, then first half x GELU(second half): the SECOND half is the gate (spec 3.5).
+    """Linear to 2 x hidden, then first half x GELU(second half): the SECOND half is the gate.
 
     Args:
         dim_in: Input width.
@@ -114,7 +114,7 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm block: self-attention, cross-attention to the image tokens, GEGLU feed-forward (spec 3.5 step 3).
+    """Pre-norm block: self-attention, cross-attention to the image tokens, GEGLU feed-forward.
 
     Args:
         dim: Token width.
@@ -143,7 +143,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer1D(nn.Module):
-    """The triplane transformer: GroupNorm, proj_in, blocks, proj_out, plus the un-normalised input (spec 3.5).
+    """The triplane transformer: GroupNorm, proj_in, blocks, proj_out, plus the un-normalised input.
 
     Args:
         config: The backbone block of the configuration.
@@ -169,11 +169,11 @@ class Transformer1D(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         h = self.proj_out(h).transpose(1, 2)
-        return h + tokens  # the residual is the input BEFORE the GroupNorm (spec 3.5 step 5)
+        return h + tokens  # the residual is the input BEFORE the GroupNorm
 
 
 class TriplaneUpsampleNetwork(nn.Module):
-    """ConvTranspose2d (kernel 2, stride 2) applied to each plane independently (spec 3.6).
+    """ConvTranspose2d (kernel 2, stride 2) applied to each plane independently.
 
     Args:
         config: Input and output channels.
@@ -191,7 +191,7 @@ class TriplaneUpsampleNetwork(nn.Module):
 
 
 class NeRFMLP(nn.Module):
-    """Per-point MLP: Linear layers at Sequential indices 0, 2, ..., with SiLU between (spec 3.8).
+    """Per-point MLP: Linear layers at Sequential indices 0, 2, ..., with SiLU between.
 
     Output column 0 is the raw density, columns 1-3 the raw colour.
 

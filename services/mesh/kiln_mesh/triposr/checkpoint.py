@@ -1,6 +1,6 @@
 """Loading a TripoSR folder (`config.yaml`, optional `vit_config.json`, `model.safetensors` or `model.ckpt`).
 
-Keys must match the model exactly (the reference loads strictly too, spec section 2), and every shape
+Keys must match the model exactly (the reference loads strictly too), and every shape
 must agree; the error lists what differs. The model is built on the meta device, so the 420M
 parameters are never randomly initialised; each checkpoint tensor is copied once, straight to the
 target device and dtype, out of a memory-mapped file.

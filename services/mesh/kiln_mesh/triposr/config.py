@@ -1,6 +1,6 @@
 r"""TripoSR's configuration: the published `config.yaml`, its interpolations, and the ViT preset.
 
-The published file (spec section 1.1) holds six `*_cls` entries naming classes of the reference code
+The published file holds six `*_cls` entries naming classes of the reference code
 and six parameter blocks. It uses OmegaConf interpolation (`${tokenizer.num_channels}`); Kiln does not
 depend on OmegaConf, so `resolve_interpolations` implements the subset that configuration files use:
 absolute and relative (`${.key}`, `${..key}`) references, references nested inside references
@@ -8,7 +8,7 @@ absolute and relative (`${.key}`, `${..key}`) references, references nested insi
 Resolvers (`${oc.env:...}`) are rejected.
 
 The image encoder is named by a hub id (`facebook/dino-vitb16`) whose hyper-parameters are hard-coded
-here (spec 1.3), because nothing may be downloaded; a `vit_config.json` (transformers `ViTConfig` keys)
+here, because nothing may be downloaded; a `vit_config.json` (transformers `ViTConfig` keys)
 beside `config.yaml` overrides them, which is how tiny test checkpoints and custom encoders are described.
 
 Every block is validated: unknown keys, wrong types, sizes that do not fit together and options Kiln
@@ -51,7 +51,7 @@ __all__ = [
 CONFIG_FILE: Final = "config.yaml"
 VIT_CONFIG_FILE: Final = "vit_config.json"
 
-# The published `stabilityai/TripoSR` config.yaml, value for value (spec 1.1): tests and the
+# The published `stabilityai/TripoSR` config.yaml, value for value: tests and the
 # stage benchmark build the full-size model from it.
 PUBLISHED_CONFIG_YAML = """\
 cond_image_size: 512
@@ -148,7 +148,7 @@ DINO_VITB16: Final = ViTConfig(
     hidden_act="gelu",
     qkv_bias=True,
 )
-"""`facebook/dino-vitb16`'s config.json (spec 1.3): the transformers `ViTConfig()` defaults."""
+"""`facebook/dino-vitb16`'s config.json: the transformers `ViTConfig()` defaults."""
 
 _VIT_PRESETS: Final[Mapping[str, ViTConfig]] = {DINO_VITB16_NAME: DINO_VITB16}
 
@@ -363,7 +363,7 @@ def parse_triposr_config(raw: Any, *, vit_overrides: Mapping[str, Any] | None = 
         cross_attention_dim=bb.positive_int("cross_attention_dim"),
         norm_num_groups=bb.optional("norm_num_groups", _as_positive_int, 32),
     )
-    # Options of the reference class that Kiln implements only at their defaults (spec 1.2).
+    # Options of the reference class that Kiln implements only at their defaults.
     out_channels = bb.optional("out_channels", _as_optional_positive_int, None)
     if out_channels not in (None, backbone.in_channels):  # the residual around the backbone needs out == in
         raise ValueError(f"backbone.out_channels = {out_channels} is not supported (only in_channels)")
@@ -505,7 +505,7 @@ def _check_consistency(config: TripoSRConfig) -> None:
             f"post_processor.in_channels {config.post_processor.in_channels} != backbone.in_channels {bb.in_channels}",
         ),
         (
-            # feature_reduction concat: three planes side by side (spec 3.7 step 3).
+            # feature_reduction concat: three planes side by side.
             config.decoder.in_channels == 3 * config.post_processor.out_channels,
             f"decoder.in_channels {config.decoder.in_channels} != 3 x post_processor.out_channels "
             f"{config.post_processor.out_channels}",

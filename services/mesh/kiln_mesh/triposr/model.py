@@ -1,4 +1,4 @@
-"""The TripoSR model: image -> triplane scene code -> density and colour at any point (spec section 3)."""
+"""The TripoSR model: image -> triplane scene code -> density and colour at any point."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class TripoSR(nn.Module):
         return self.tokenizer.embeddings.dtype
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        """Convert RGB images to the model input (spec 3.2).
+        """Convert RGB images to the model input.
 
         Each image becomes float32 in [0, 1] (uint8 / 255) and is resized to cond_image_size square
         with bilinear interpolation, align_corners=False and antialias=True (the reference's settings;
@@ -84,7 +84,7 @@ class TripoSR(nn.Module):
         return torch.cat(batch)
 
     def encode(self, pixels: Tensor) -> Tensor:
-        """Image pixels to triplane scene codes (spec 3.3-3.6).
+        """Image pixels to triplane scene codes.
 
         Args:
             pixels: [B, 3, S, S] with values in [0, 1] (from `preprocess`), any float dtype and device.
@@ -107,7 +107,7 @@ class TripoSR(nn.Module):
         return codes
 
     def query(self, scene_code: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-        """Activated density and colour of one scene code at world-space points (spec 3.7-3.8).
+        """Activated density and colour of one scene code at world-space points.
 
         No chunking happens here: memory grows with N (about 3 x C + several x n_neurons floats per point).
 
@@ -136,7 +136,7 @@ class TripoSR(nn.Module):
         return torch.exp(raw[:, 0] + self.config.renderer.density_bias)
 
     def triplane_features(self, scene_code: Tensor, points: Tensor) -> Tensor:
-        """Per-point features [N, 3C] sampled from the three planes (spec 3.7), in the scene code's dtype.
+        """Per-point features [N, 3C] sampled from the three planes, in the scene code's dtype.
 
         Args:
             scene_code: One image's scene code [3, C, H, W].
@@ -157,11 +157,11 @@ class TripoSR(nn.Module):
         if count == 0:
             return scene_code.new_zeros((0, 3 * channels))
         r = self.radius
-        # The reference's affine map [-r, r] -> [-1, 1], evaluated in its order, in float32 (spec 3.7 step 1).
+        # The reference's affine map [-r, r] -> [-1, 1], evaluated in its order, in float32.
         p = points.to(device=scene_code.device, dtype=torch.float32)
         u = ((p + r) / (r + r) * 2.0 - 1.0).to(scene_code.dtype)
         # grid_sample's last grid axis is (width = columns, height = rows): plane 0 samples x along columns
-        # and y along rows, plane 1 (x, z), plane 2 (y, z) (spec 3.7 step 2).
+        # and y along rows, plane 1 (x, z), plane 2 (y, z).
         grid = torch.stack((u[:, [0, 1]], u[:, [0, 2]], u[:, [1, 2]])).unsqueeze(1)  # [3, 1, N, 2]
         sampled = F.grid_sample(scene_code, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # [3, C, 1, N] -> [N, 3, C] -> [N, 3C]: concatenated plane-major (feature_reduction concat).
@@ -170,7 +170,7 @@ class TripoSR(nn.Module):
     def grid_density(self, scene_code: Tensor, resolution: int, start: int, stop: int) -> Tensor:
         """Activated density on rows `start:stop` (x index) of the marching-cubes grid, [stop-start, R, R].
 
-        The same values as `query_density` at the grid points (spec 3.9 step 1), computed in a way
+        The same values as `query_density` at the grid points, computed in a way
         that uses the grid's structure: a grid point's plane-0 features depend on (x, y) only, plane 1
         on (x, z), plane 2 on (y, z), and the decoder's first layer is linear. So each plane is
         sampled once per 2-D grid position and projected through its third of the first layer, and

@@ -1,4 +1,4 @@
-"""The DINO ViT image tokenizer, with the semantics of transformers 4.35's `ViTModel` (spec 3.3).
+"""The DINO ViT image tokenizer, with the semantics of transformers 4.35's `ViTModel`.
 
 TripoSR pins transformers 4.35; later releases renamed the modules (breaking the checkpoint keys) and
 changed the position-embedding interpolation. This module reproduces 4.35 exactly, with parameter
@@ -28,7 +28,7 @@ def interpolate_position_embeddings(table: Tensor, grid_h: int, grid_w: int) -> 
     The CLS entry is kept. The G x G grid is resized with bicubic interpolation (a = -0.75,
     align_corners=False) by SCALE FACTORS ((grid + 0.1) / G), not to a size: 4.35 adds 0.1 to dodge a
     float rounding problem and passes scale factors, so torch maps output pixel d to source coordinate
-    (d + 0.5) * G / (grid + 0.1) - 0.5 rather than (d + 0.5) * G / grid - 0.5 (spec 3.3 step 4, 5).
+    (d + 0.5) * G / (grid + 0.1) - 0.5 rather than (d + 0.5) * G / grid - 0.5.
     When the patch count already equals the table's and the grid is square, 4.35 returns the table
     unchanged.
 
