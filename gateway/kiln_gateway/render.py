@@ -25,6 +25,7 @@ import yaml  # type: ignore[import-untyped]
 from kiln_client.limits import max_json_request_bytes, retry_buffer_bytes
 from kiln_runtime.errors import RETRIABLE_HEADER
 
+from . import auth, edge, tls
 from .settings import PLACEHOLDER_WEB_ROOT, GatewaySettings
 
 
@@ -212,7 +213,7 @@ def _routes(settings: GatewaySettings, static_files: list[tuple[str, Path]]) -> 
                 "typed_per_filter_config": {BUFFER_FILTER: _json_body_cap(settings), **per_filter},
             }
         )
-    return routes
+    return edge.apply_to_routes(settings, auth.apply_to_routes(settings, routes))
 
 
 #: Media types the gateway gzips: the page's files (the script bundle shrinks about 4x). Never
@@ -334,6 +335,9 @@ def _http_filters(settings: GatewaySettings) -> list[dict[str, Any]]:
             "name": "envoy.filters.http.grpc_web",
             "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
         },
+        # Identity first (the principal header is set or refused), then the per-principal rate limit.
+        *auth.http_filters(settings),
+        *edge.http_filters(settings),
         _artifact_headers(),
         {
             # The transcoder streams JSON into its parser and does not enforce max_request_body_size
@@ -455,6 +459,7 @@ def _listener(settings: GatewaySettings, web_files: Sequence[str] | None) -> dic
             ],
         },
         "http_filters": _http_filters(settings),
+        **edge.connection_manager_fields(settings),
     }
     if settings.access_log:
         manager["access_log"] = [
@@ -463,11 +468,16 @@ def _listener(settings: GatewaySettings, web_files: Sequence[str] | None) -> dic
                 "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"),
             }
         ]
+    chain: dict[str, Any] = {}
+    transport = tls.downstream_transport_socket(settings)
+    if transport is not None:
+        chain["transport_socket"] = transport
     return {
         "name": "kiln",
         "address": _address(settings.host, settings.port),
         "filter_chains": [
             {
+                **chain,
                 "filters": [
                     {
                         "name": "envoy.filters.network.http_connection_manager",
@@ -476,7 +486,7 @@ def _listener(settings: GatewaySettings, web_files: Sequence[str] | None) -> dic
                             **manager,
                         ),
                     }
-                ]
+                ],
             }
         ],
     }
@@ -487,7 +497,9 @@ def _cluster(settings: GatewaySettings, service: Service, upstreams: list[str]) 
     for upstream in upstreams:
         host, _, port = upstream.rpartition(":")
         endpoints.append({"endpoint": {"address": _address(host.strip("[]"), int(port))}})
+    transport = tls.upstream_transport_socket(settings, service.cluster)
     return {
+        **({"transport_socket": transport} if transport is not None else {}),
         "name": service.cluster,
         # STRICT_DNS serves IP literals as they are and resolves names to every address (a
         # Kubernetes headless service gives one endpoint per pod).
@@ -570,7 +582,8 @@ def render_config(settings: GatewaySettings, *, web_files: Sequence[str] | None 
     Returns:
         The YAML text of a complete static Envoy bootstrap (listener, clusters, admin).
     """
-    bootstrap = {
+    bootstrap: dict[str, Any] = {
+        **edge.bootstrap_fields(settings),
         "admin": {
             # Admin can quit Envoy and dump its config: never off the loopback interface.
             "address": _address("127.0.0.1", settings.admin_port),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kiln_client.limits import DEFAULT_MAX_IMAGE_BYTES
@@ -47,6 +47,22 @@ def _check_upstream(address: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"upstream {address!r} must be host:port")
     return address
+
+
+class AuthSettings(BaseModel):
+    """Who may call the gateway (ARCHITECTURE.md, "Edge security"). Owned by the auth work."""
+
+
+class RateLimitSettings(BaseModel):
+    """Per-principal request rate at the gateway. Owned by the edge work."""
+
+
+class HardeningSettings(BaseModel):
+    """Limits and headers that keep the public listener safe. Owned by the edge work."""
+
+
+class GatewayTlsSettings(BaseModel):
+    """TLS towards clients (browsers get HTTP/2) and towards the model servers. Owned by the edge work."""
 
 
 class GatewaySettings(BaseSettings):
@@ -140,6 +156,15 @@ class GatewaySettings(BaseSettings):
         "incrementally with fetch), ndjson (one JSON object per line), or array (one JSON array, complete "
         "only at the end of the stream).",
     )
+
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Authentication and service access.")
+    rate_limit: RateLimitSettings = Field(
+        default_factory=RateLimitSettings, description="Per-principal request rate limit."
+    )
+    hardening: HardeningSettings = Field(
+        default_factory=HardeningSettings, description="Header, stream and memory limits; security headers."
+    )
+    tls: GatewayTlsSettings = Field(default_factory=GatewayTlsSettings, description="TLS to clients and servers.")
 
     _split_lists = field_validator("img2img_upstreams", "mesh_upstreams", "cors_allowed_origins", mode="before")(_split)
 

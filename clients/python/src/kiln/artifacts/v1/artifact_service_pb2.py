@@ -27,7 +27,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(kiln/artifacts/v1/artifact_service.proto\x12\x11kiln.artifacts.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\"/\n\x12GetArtifactRequest\x12\x19\n\x0b\x61rtifact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x17\x44ownloadArtifactRequest\x12\x19\n\x0b\x61rtifact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06offset\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x14\n\x06length\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01\x32\xde\x01\n\x10\x41rtifactProvider\x12J\n\x0bGetArtifact\x12%.kiln.artifacts.v1.GetArtifactRequest\x1a\x14.google.api.HttpBody\x12~\n\x10\x44ownloadArtifact\x12*.kiln.artifacts.v1.DownloadArtifactRequest\x1a\x14.google.api.HttpBody\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/artifacts/{artifact_id=**}0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(kiln/artifacts/v1/artifact_service.proto\x12\x11kiln.artifacts.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\"_\n\x12GetArtifactRequest\x12\x19\n\x0b\x61rtifact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x65xpires\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x17\n\tsignature\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\x90\x01\n\x17\x44ownloadArtifactRequest\x12\x19\n\x0b\x61rtifact_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06offset\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x14\n\x06length\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x15\n\x07\x65xpires\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x17\n\tsignature\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x32\xde\x01\n\x10\x41rtifactProvider\x12J\n\x0bGetArtifact\x12%.kiln.artifacts.v1.GetArtifactRequest\x1a\x14.google.api.HttpBody\x12~\n\x10\x44ownloadArtifact\x12*.kiln.artifacts.v1.DownloadArtifactRequest\x1a\x14.google.api.HttpBody\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/artifacts/{artifact_id=**}0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETARTIFACTREQUEST'].fields_by_name['artifact_id']._loaded_options = None
   _globals['_GETARTIFACTREQUEST'].fields_by_name['artifact_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETARTIFACTREQUEST'].fields_by_name['expires']._loaded_options = None
+  _globals['_GETARTIFACTREQUEST'].fields_by_name['expires']._serialized_options = b'\342A\001\001'
+  _globals['_GETARTIFACTREQUEST'].fields_by_name['signature']._loaded_options = None
+  _globals['_GETARTIFACTREQUEST'].fields_by_name['signature']._serialized_options = b'\342A\001\001'
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['artifact_id']._loaded_options = None
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['artifact_id']._serialized_options = b'\342A\001\002'
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['offset']._loaded_options = None
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['offset']._serialized_options = b'\342A\001\001'
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['length']._loaded_options = None
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['length']._serialized_options = b'\342A\001\001'
+  _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['expires']._loaded_options = None
+  _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['expires']._serialized_options = b'\342A\001\001'
+  _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['signature']._loaded_options = None
+  _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['signature']._serialized_options = b'\342A\001\001'
   _globals['_ARTIFACTPROVIDER'].methods_by_name['DownloadArtifact']._loaded_options = None
   _globals['_ARTIFACTPROVIDER'].methods_by_name['DownloadArtifact']._serialized_options = b'\202\323\344\223\002 \022\036/v1/artifacts/{artifact_id=**}'
   _globals['_GETARTIFACTREQUEST']._serialized_start=153
-  _globals['_GETARTIFACTREQUEST']._serialized_end=200
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=202
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=298
-  _globals['_ARTIFACTPROVIDER']._serialized_start=301
-  _globals['_ARTIFACTPROVIDER']._serialized_end=523
+  _globals['_GETARTIFACTREQUEST']._serialized_end=248
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=251
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=395
+  _globals['_ARTIFACTPROVIDER']._serialized_start=398
+  _globals['_ARTIFACTPROVIDER']._serialized_end=620
 # @@protoc_insertion_point(module_scope)

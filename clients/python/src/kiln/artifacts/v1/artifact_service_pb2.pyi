@@ -8,17 +8,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetArtifactRequest(_message.Message):
-    __slots__ = ("artifact_id",)
+    __slots__ = ("artifact_id", "expires", "signature")
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     artifact_id: str
-    def __init__(self, artifact_id: _Optional[str] = ...) -> None: ...
+    expires: int
+    signature: str
+    def __init__(self, artifact_id: _Optional[str] = ..., expires: _Optional[int] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class DownloadArtifactRequest(_message.Message):
-    __slots__ = ("artifact_id", "offset", "length")
+    __slots__ = ("artifact_id", "offset", "length", "expires", "signature")
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     artifact_id: str
     offset: int
     length: int
-    def __init__(self, artifact_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    expires: int
+    signature: str
+    def __init__(self, artifact_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., expires: _Optional[int] = ..., signature: _Optional[str] = ...) -> None: ...

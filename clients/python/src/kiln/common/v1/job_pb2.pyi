@@ -59,6 +59,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_NOT_FOUND: _ClassVar[ErrorReason]
     ERROR_REASON_RANGE_NOT_SATISFIABLE: _ClassVar[ErrorReason]
     ERROR_REASON_REPLICA_LOST: _ClassVar[ErrorReason]
+    ERROR_REASON_QUOTA: _ClassVar[ErrorReason]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -113,6 +114,7 @@ ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason
 ERROR_REASON_NOT_FOUND: ErrorReason
 ERROR_REASON_RANGE_NOT_SATISFIABLE: ErrorReason
 ERROR_REASON_REPLICA_LOST: ErrorReason
+ERROR_REASON_QUOTA: ErrorReason
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -202,7 +204,7 @@ class Provenance(_message.Message):
     def __init__(self, provider: _Optional[str] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., library_versions: _Optional[_Mapping[str, str]] = ..., reproducibility: _Optional[_Union[Reproducibility, str]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "queue_position", "queue_eta", "progress", "create_time", "start_time", "end_time", "expire_time", "error", "client_request_id", "last_sequence", "watchers", "disconnect_policy")
+    __slots__ = ("job_id", "state", "queue_position", "queue_eta", "progress", "create_time", "start_time", "end_time", "expire_time", "error", "client_request_id", "last_sequence", "watchers", "disconnect_policy", "owner")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +219,7 @@ class JobStatus(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     WATCHERS_FIELD_NUMBER: _ClassVar[int]
     DISCONNECT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     queue_position: int
@@ -231,4 +234,5 @@ class JobStatus(_message.Message):
     last_sequence: int
     watchers: int
     disconnect_policy: DisconnectPolicy
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., queue_eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., client_request_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., watchers: _Optional[int] = ..., disconnect_policy: _Optional[_Union[DisconnectPolicy, str]] = ...) -> None: ...
+    owner: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., queue_eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., client_request_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., watchers: _Optional[int] = ..., disconnect_policy: _Optional[_Union[DisconnectPolicy, str]] = ..., owner: _Optional[str] = ...) -> None: ...

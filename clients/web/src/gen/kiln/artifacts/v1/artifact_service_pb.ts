@@ -14,11 +14,11 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file kiln/artifacts/v1/artifact_service.proto.
  */
 export const file_kiln_artifacts_v1_artifact_service: GenFile = /*@__PURE__*/
-  fileDesc("CihraWxuL2FydGlmYWN0cy92MS9hcnRpZmFjdF9zZXJ2aWNlLnByb3RvEhFraWxuLmFydGlmYWN0cy52MSIvChJHZXRBcnRpZmFjdFJlcXVlc3QSGQoLYXJ0aWZhY3RfaWQYASABKAlCBOJBAQIiYAoXRG93bmxvYWRBcnRpZmFjdFJlcXVlc3QSGQoLYXJ0aWZhY3RfaWQYASABKAlCBOJBAQISFAoGb2Zmc2V0GAIgASgDQgTiQQEBEhQKBmxlbmd0aBgDIAEoA0IE4kEBATLeAQoQQXJ0aWZhY3RQcm92aWRlchJKCgtHZXRBcnRpZmFjdBIlLmtpbG4uYXJ0aWZhY3RzLnYxLkdldEFydGlmYWN0UmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkSfgoQRG93bmxvYWRBcnRpZmFjdBIqLmtpbG4uYXJ0aWZhY3RzLnYxLkRvd25sb2FkQXJ0aWZhY3RSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSImgtPkkwIgEh4vdjEvYXJ0aWZhY3RzL3thcnRpZmFjdF9pZD0qKn0wAWIGcHJvdG8z", [file_google_api_annotations, file_google_api_field_behavior, file_google_api_httpbody]);
+  fileDesc("CihraWxuL2FydGlmYWN0cy92MS9hcnRpZmFjdF9zZXJ2aWNlLnByb3RvEhFraWxuLmFydGlmYWN0cy52MSJfChJHZXRBcnRpZmFjdFJlcXVlc3QSGQoLYXJ0aWZhY3RfaWQYASABKAlCBOJBAQISFQoHZXhwaXJlcxgCIAEoA0IE4kEBARIXCglzaWduYXR1cmUYAyABKAlCBOJBAQEikAEKF0Rvd25sb2FkQXJ0aWZhY3RSZXF1ZXN0EhkKC2FydGlmYWN0X2lkGAEgASgJQgTiQQECEhQKBm9mZnNldBgCIAEoA0IE4kEBARIUCgZsZW5ndGgYAyABKANCBOJBAQESFQoHZXhwaXJlcxgEIAEoA0IE4kEBARIXCglzaWduYXR1cmUYBSABKAlCBOJBAQEy3gEKEEFydGlmYWN0UHJvdmlkZXISSgoLR2V0QXJ0aWZhY3QSJS5raWxuLmFydGlmYWN0cy52MS5HZXRBcnRpZmFjdFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5En4KEERvd25sb2FkQXJ0aWZhY3QSKi5raWxuLmFydGlmYWN0cy52MS5Eb3dubG9hZEFydGlmYWN0UmVxdWVzdBoULmdvb2dsZS5hcGkuSHR0cEJvZHkiJoLT5JMCIBIeL3YxL2FydGlmYWN0cy97YXJ0aWZhY3RfaWQ9Kip9MAFiBnByb3RvMw", [file_google_api_annotations, file_google_api_field_behavior, file_google_api_httpbody]);
 
 /**
  * Names one artifact.
- * Next free field: 2
+ * Next free field: 4
  *
  * @generated from message kiln.artifacts.v1.GetArtifactRequest
  */
@@ -29,6 +29,24 @@ export type GetArtifactRequest = Message<"kiln.artifacts.v1.GetArtifactRequest">
    * @generated from field: string artifact_id = 1;
    */
   artifactId: string;
+
+  /**
+   * Optional. With `signature`: the Unix time (seconds) a signed link stops
+   * working. Signed links come in `Artifact.uri`; they work without
+   * credentials until then.
+   *
+   * @generated from field: int64 expires = 2;
+   */
+  expires: bigint;
+
+  /**
+   * Optional. The signed link's signature (lowercase hex HMAC-SHA256 of the
+   * artifact id and `expires`); an altered or expired link is refused with
+   * PERMISSION_DENIED.
+   *
+   * @generated from field: string signature = 3;
+   */
+  signature: string;
 };
 
 /**
@@ -40,7 +58,7 @@ export const GetArtifactRequestSchema: GenMessage<GetArtifactRequest> = /*@__PUR
 
 /**
  * Names one artifact and, optionally, the part of it to send.
- * Next free field: 4
+ * Next free field: 6
  *
  * @generated from message kiln.artifacts.v1.DownloadArtifactRequest
  */
@@ -65,6 +83,20 @@ export type DownloadArtifactRequest = Message<"kiln.artifacts.v1.DownloadArtifac
    * @generated from field: int64 length = 3;
    */
   length: bigint;
+
+  /**
+   * Optional. As in `GetArtifactRequest`: a signed link's expiry.
+   *
+   * @generated from field: int64 expires = 4;
+   */
+  expires: bigint;
+
+  /**
+   * Optional. As in `GetArtifactRequest`: a signed link's signature.
+   *
+   * @generated from field: string signature = 5;
+   */
+  signature: string;
 };
 
 /**

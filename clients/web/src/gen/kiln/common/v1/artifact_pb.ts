@@ -62,8 +62,11 @@ export type Artifact = Message<"kiln.common.v1.Artifact"> & {
   inlineData: Uint8Array;
 
   /**
-   * Optional. Where the stored file can be fetched: a `file://` path on the
-   * server's machine, or an URL under the configured public base URL.
+   * Optional. Where the stored file can be fetched without other credentials:
+   * a signed, expiring URL under the configured public base URL (the
+   * gateway's artifact route), or a presigned object-store URL. A `file://`
+   * path on the server's machine only in the local-path mode an operator
+   * turns on explicitly (`storage.local_path_uris`).
    *
    * @generated from field: string uri = 6;
    */
