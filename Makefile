@@ -138,13 +138,14 @@ bench: setup ## Run the benchmarks (ratios against in-process baselines)
 	$(PY) benchmarks/cold_start.py
 	$(PY) benchmarks/refused_upload_cpu.py
 	$(PY) benchmarks/artifact_io.py
+	$(PY) benchmarks/edge_overhead.py
 	$(PY) benchmarks/jobs.py
 	$(PY) benchmarks/img2img_batching.py
 
 device-check: setup ## CUDA machine: full-size models vs raw diffusers/TripoSR, CUDA tests (benchmarks/gpu)
 	$(PY) benchmarks/gpu/device_check.py
 
-up: setup ## Start the stack in the foreground (Ctrl-C stops it); see README
+up: setup ## Start the stack in the foreground (Ctrl-C stops it); KILN_TLS=dev: HTTPS + mutual TLS (deploy/README.md)
 	$(PY) deploy/local_stack.py up
 
 down: ## Stop a stack started by `make up` in another terminal

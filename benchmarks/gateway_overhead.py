@@ -185,6 +185,17 @@ def percentile(samples: list[float], q: int) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
 
+def print_ratios(results: dict[str, list[float]], baseline_name: str, width: int) -> None:
+    """One line per variant: median, p99, and the median as a ratio of (and difference to) the baseline's."""
+    baseline = statistics.median(results[baseline_name])
+    for name, samples in results.items():
+        median = statistics.median(samples)
+        print(
+            f"  {name:<{width}} median {median:6.3f} ms   p99 {percentile(samples, 99):6.3f} ms"
+            f"   {median / baseline:5.2f} x   ({median - baseline:+6.3f} ms)"
+        )
+
+
 async def main(calls: int) -> None:
     stream_calls = max(calls // 5, 20)
     image = png()
@@ -239,13 +250,7 @@ async def main(calls: int) -> None:
     print(f"  Envoy adds (median) {added:6.3f} ms = {ratio:.2f} x   (goal <= {GOAL_ADDED_MS} ms: {verdict})")
 
     print(f"time to the first Generate event, {stream_calls} streams each (fake, 2 steps, no delay)")
-    baseline = statistics.median(streams["gRPC direct"])
-    for name, samples in streams.items():
-        median = statistics.median(samples)
-        print(
-            f"  {name:<19} median {median:6.3f} ms   p99 {percentile(samples, 99):6.3f} ms"
-            f"   {median / baseline:5.2f} x   ({median - baseline:+6.3f} ms)"
-        )
+    print_ratios(streams, "gRPC direct", 19)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ addresses, and stays in the foreground; Ctrl-C or `make down` stops every proces
 started. Process ids are kept in .kiln/run/ so that `down` works from another terminal.
 Configuration comes from the usual KILN_... environment (and .env); ports default to
 50051 (img2img) and 50052 (mesh), metrics to 9091 and 9092.
+
+Both servers share one URL signing key (.kiln/url-signing-key, made once, mode 0600), so a
+signed artifact link works whichever server made it. `KILN_TLS=dev` turns TLS on everywhere:
+a development CA and certificates under .kiln/tls/ (deploy/dev_ca.py; made once, then
+reused), the gateway on HTTPS, and the servers on mutual TLS that accept only the gateway's
+client certificate. The banner says how to trust the CA and which auth mode the gateway runs.
 """
 
 from __future__ import annotations
@@ -14,20 +20,26 @@ import argparse
 import contextlib
 import importlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `deploy.dev_ca` when run as a script
 STATE = ROOT / ".kiln"
 RUN_DIR = STATE / "run"
 LOG_DIR = STATE / "logs"
+TLS_DIR = STATE / "tls"
+SIGNING_KEY_FILE = STATE / "url-signing-key"
+TLS_MODES = ("", "off", "dev")
 READY_TIMEOUT_S = 600.0  # a first start may download several GB of weights
 READINESS_FAILED = 3  # kiln.common.v1.Readiness
 STOP_TIMEOUT_S = 40.0
@@ -70,9 +82,109 @@ def servers() -> list[Server]:
     ]
 
 
-def wait_ready(server: Server, process: subprocess.Popen[bytes]) -> bool:
+@dataclass(frozen=True)
+class DevTls:
+    """The development CA and the certificates `KILN_TLS=dev` uses (all under .kiln/tls/)."""
+
+    ca: Path
+    gateway_cert: Path  # the HTTPS listener: localhost, 127.0.0.1, ::1
+    gateway_key: Path
+    servers_cert: Path  # both model servers' gRPC ports (127.0.0.1)
+    servers_key: Path
+    client_cert: Path  # what the gateway presents to the servers (mutual TLS)
+    client_key: Path
+
+    def server_env(self, section: str) -> dict[str, str]:
+        prefix = f"KILN_{section.upper()}__SERVER__"
+        return {
+            f"{prefix}TLS_CERT_FILE": str(self.servers_cert),
+            f"{prefix}TLS_KEY_FILE": str(self.servers_key),
+            f"{prefix}TLS_CLIENT_CA_FILE": str(self.ca),
+        }
+
+    def gateway_env(self) -> dict[str, str]:
+        return {
+            "KILN_GATEWAY__TLS__CERT_FILE": str(self.gateway_cert),
+            "KILN_GATEWAY__TLS__KEY_FILE": str(self.gateway_key),
+            "KILN_GATEWAY__TLS__UPSTREAM_CA_FILE": str(self.ca),
+            "KILN_GATEWAY__TLS__UPSTREAM_CLIENT_CERT_FILE": str(self.client_cert),
+            "KILN_GATEWAY__TLS__UPSTREAM_CLIENT_KEY_FILE": str(self.client_key),
+        }
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """What `make up` itself uses to ask the servers whether they serve (it is a client too)."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.client_key.read_bytes(),
+            certificate_chain=self.client_cert.read_bytes(),
+        )
+
+
+def dev_tls(folder: Path = TLS_DIR) -> DevTls:
+    """Create the CA and certificates once; later runs reuse them (a trusted CA stays trusted)."""
+    from deploy.dev_ca import CertFiles, issue, make_ca
+
+    ca = make_ca(folder)
+
+    def once(name: str, **options: Any) -> CertFiles:
+        files = CertFiles(folder / f"{name}.pem", folder / f"{name}.key")
+        return files if files.cert.is_file() and files.key.is_file() else issue(ca, folder, name, **options)
+
+    gateway = once("gateway", hosts=["localhost", "127.0.0.1", "::1"])
+    servers = once("servers", hosts=["localhost", "127.0.0.1"])
+    client = once("gateway-client", client=True)
+    return DevTls(ca.cert, gateway.cert, gateway.key, servers.cert, servers.key, client.cert, client.key)
+
+
+def signing_key(path: Path = SIGNING_KEY_FILE) -> str:
+    """The URL signing key both servers share: made once (random, mode 0600), then read back."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: two launchers racing cannot leave two different keys; 0600 from the start.
+        with contextlib.suppress(FileExistsError):
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def _shown(path: Path) -> Path:
+    """A path as the banner shows it: relative to the checkout (where `make up` runs) when inside it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def trust_hint(tls: DevTls) -> list[str]:
+    """How to make browsers and tools trust the development CA (deploy/README.md, "TLS")."""
+    ca = _shown(tls.ca)
+    return [
+        f'  TLS: certificates from the development CA {ca}; to trust it (deploy/README.md, "TLS"):',
+        f"    curl --cacert {ca} ...   |   kiln --ca-file {ca} ...",
+        f"    Linux: sudo cp {ca} /usr/local/share/ca-certificates/kiln-dev.crt && sudo update-ca-certificates",
+        f"    macOS: sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {ca}",
+        "    Firefox/Chrome: import it under Settings > Certificates > Authorities",
+    ]
+
+
+def auth_banner(env: dict[str, str], gateway_port: int) -> str:
+    """One line on who may use the gateway, so an open stack never looks like a protected one."""
+    mode = env.get("KILN_GATEWAY__AUTH__MODE", "none").strip().lower() or "none"
+    if mode == "none":
+        return (
+            f"  auth: none — anyone who can reach 127.0.0.1:{gateway_port} may run jobs; set "
+            "KILN_GATEWAY__AUTH__MODE=api_key (and KILN_GATEWAY__AUTH__API_KEYS_FILE) or jwt to require credentials"
+        )
+    if mode == "api_key":
+        keys = env.get("KILN_GATEWAY__AUTH__API_KEYS_FILE", "?")
+        return f"  auth: api_key — clients send `authorization: Bearer <key>` (kiln --api-key); keys from {keys}"
+    return "  auth: jwt — clients send `authorization: Bearer <token>` (kiln --token)"
+
+
+def wait_ready(server: Server, process: subprocess.Popen[bytes], tls: DevTls | None = None) -> bool:
     deadline = time.monotonic() + READY_TIMEOUT_S
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    address = f"127.0.0.1:{server.port}"
+    # Under KILN_TLS=dev the servers take only the gateway's certificate, so this check shows it too.
+    opened = grpc.insecure_channel(address) if tls is None else grpc.secure_channel(address, tls.channel_credentials())
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -140,12 +252,13 @@ def tiny_profile() -> dict[str, str]:
     }
 
 
-def start_gateway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(env: dict[str, str], log: Path, tls: DevTls | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Envoy in front of both servers (`python -m gateway.kiln_gateway`); returns it and its banner line."""
     gateway_env = {
         **env,
         "KILN_GATEWAY__IMG2IMG_UPSTREAMS": f"127.0.0.1:{servers()[0].port}",
         "KILN_GATEWAY__MESH_UPSTREAMS": f"127.0.0.1:{servers()[1].port}",
+        **(tls.gateway_env() if tls is not None else {}),
     }
     out = log.open("ab")
     process = subprocess.Popen(
@@ -167,9 +280,20 @@ def up() -> int:
         print("a stack seems to be running already; run `make down` first")
         return 1
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    tls_mode = env.get("KILN_TLS", "").strip().lower()
+    if tls_mode not in TLS_MODES:
+        print(f"KILN_TLS={tls_mode!r} is not a choice: use KILN_TLS=dev (a development CA) or leave it unset")
+        return 2
+    tls = dev_tls() if tls_mode == "dev" else None
+    if tls is not None:
+        for section in ("img2img", "mesh"):
+            env.update(tls.server_env(section))
+    scheme = "https" if tls is not None else "http"
     gateway_port = int(env.get("KILN_GATEWAY__PORT", "8080"))
     # Result URIs point at the gateway's download route unless the user chose another base.
-    env.setdefault("KILN_STORAGE__PUBLIC_BASE_URL", f"http://127.0.0.1:{gateway_port}/v1/artifacts")
+    env.setdefault("KILN_STORAGE__PUBLIC_BASE_URL", f"{scheme}://127.0.0.1:{gateway_port}/v1/artifacts")
+    # One key for both servers: a link signed by either is valid on the gateway's one route.
+    env.setdefault("KILN_STORAGE__URL_SIGNING_KEY", signing_key())
     if env.get("KILN_PROFILE") == "tiny":
         print("KILN_PROFILE=tiny: using the generated tiny models (generating them once if needed)")
         env.update(tiny_profile())
@@ -194,13 +318,14 @@ def up() -> int:
             (RUN_DIR / f"{server.name}.pid").write_text(str(process.pid))
         print("Kiln is starting (logs in .kiln/logs/):")
         for server in servers():
-            ready = wait_ready(server, processes[server.name])
+            ready = wait_ready(server, processes[server.name], tls)
             state = "SERVING" if ready else "NOT ready"
+            transport = "  (mutual TLS: the gateway's certificate only)" if tls is not None else ""
             print(
                 f"  {server.name:8} grpc://127.0.0.1:{server.port}  {state}"
-                f"  metrics http://127.0.0.1:{server.metrics_port}/metrics"
+                f"  metrics http://127.0.0.1:{server.metrics_port}/metrics{transport}"
             )
-        gateway, banner = start_gateway(env, LOG_DIR / "gateway.log")
+        gateway, banner = start_gateway(env, LOG_DIR / "gateway.log", tls)
         processes["gateway"] = gateway
         (RUN_DIR / "gateway.pid").write_text(str(gateway.pid))
         if not banner.startswith("gateway on"):
@@ -209,11 +334,16 @@ def up() -> int:
             print(f"  gateway: did not start ({''.join(reason)}); see {LOG_DIR / 'gateway.log'}")
         else:
             admin = int(env.get("KILN_GATEWAY__ADMIN_PORT", "9901"))
-            print(f"  gateway  http://127.0.0.1:{gateway_port}  (gRPC, gRPC-Web, JSON/SSE)")
-            print(f"  web page http://127.0.0.1:{gateway_port}/")
+            print(f"  gateway  {scheme}://127.0.0.1:{gateway_port}  (gRPC, gRPC-Web, JSON/SSE)")
+            print(f"  web page {scheme}://127.0.0.1:{gateway_port}/")
             print(f"  envoy admin http://127.0.0.1:{admin}/")
+            print(auth_banner(env, gateway_port))
+            if tls is not None:
+                print("\n".join(trust_hint(tls)))
+        curl = "curl " if tls is None else f"curl --cacert {_shown(tls.ca)} "
         print(
-            f"Try: curl http://127.0.0.1:{gateway_port}/v1/img2img/info   |   Ctrl-C or `make down` stops everything."
+            f"Try: {curl}{scheme}://127.0.0.1:{gateway_port}/v1/img2img/info   |   "
+            "Ctrl-C or `make down` stops everything."
         )
         while not stopping and all(p.poll() is None for p in processes.values()):
             time.sleep(0.2)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +46,17 @@ def alive(pid: int) -> bool:
     return True
 
 
+def banner(launcher: subprocess.Popen[str]) -> str:
+    """What `make up` printed up to its "Try:" line (printed once the stack serves)."""
+    assert launcher.stdout is not None
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if line.startswith("Try:"):
+            break
+    return "".join(lines)
+
+
 @pytest.mark.parametrize("profile", ["fake", "tiny"])
 def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
     # "fake": both servers on the fake provider; "tiny": KILN_PROFILE=tiny runs img2img on the tiny SD model.
@@ -64,16 +78,13 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
         [sys.executable, "deploy/local_stack.py", "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )
     try:
-        assert launcher.stdout is not None
-        lines = []
-        for line in launcher.stdout:
-            lines.append(line)
-            if line.startswith("Try:"):
-                break
-        output = "".join(lines)
+        output = banner(launcher)
         assert output.count("SERVING") == 2, output
         assert ("tiny models" in output) is (profile == "tiny")
         assert f"http://127.0.0.1:{gateway_port}/" in output
+        assert f"auth: none — anyone who can reach 127.0.0.1:{gateway_port} may run jobs" in output
+        # The servers share one signing key, kept private to this user.
+        assert (ROOT / ".kiln" / "url-signing-key").stat().st_mode & 0o777 == 0o600
         # The whole path answers through the gateway: JSON transcoding of GetInfo, and the page.
         info = httpx.get(f"http://127.0.0.1:{gateway_port}/v1/img2img/info", timeout=10).json()
         assert info["model"]["readiness"] == "READINESS_READY"
@@ -93,6 +104,60 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, profile: str) -> None:
         assert not any(alive(pid) for pid in pids)
         assert not envoy_processes(), "an Envoy started by make up outlived make down"
         assert not list(run_dir.glob("*.pid"))
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGINT)
+            launcher.wait(timeout=60)
+        if launcher.stdout is not None:
+            launcher.stdout.close()
+
+
+def stack_env(tmp_path: Path, gateway_port: int, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KILN_IMG2IMG__PROVIDER": "fake",
+        "KILN_MESH__PROVIDER": "fake",
+        "KILN_STORAGE__DATA_DIR": str(tmp_path / "data"),
+        "KILN_IMG2IMG__SERVER__PORT": str(free_port()),
+        "KILN_IMG2IMG__SERVER__METRICS_PORT": str(free_port()),
+        "KILN_MESH__SERVER__PORT": str(free_port()),
+        "KILN_MESH__SERVER__METRICS_PORT": str(free_port()),
+        "KILN_GATEWAY__PORT": str(gateway_port),
+        "KILN_GATEWAY__ADMIN_PORT": str(free_port()),
+        **extra,
+    }
+
+
+def test_tls_dev_serves_https_and_mutual_tls(tmp_path: Path) -> None:
+    gateway_port = free_port()
+    env = stack_env(tmp_path, gateway_port, KILN_TLS="dev")
+    launcher = subprocess.Popen(
+        [sys.executable, "deploy/local_stack.py", "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    tls = ROOT / ".kiln" / "tls"
+    try:
+        output = banner(launcher)
+        assert output.count("SERVING") == 2, output
+        assert f"gateway  https://127.0.0.1:{gateway_port}" in output, output
+        assert "update-ca-certificates" in output and "--cacert .kiln/tls/ca.pem" in output
+        ca = str(tls / "ca.pem")
+        for name in ("ca", "gateway", "servers", "gateway-client"):
+            assert (tls / f"{name}.key").stat().st_mode & 0o777 == 0o600
+        # HTTPS with the development CA, through the gateway's mutual TLS to the server.
+        with httpx.Client(verify=ssl.create_default_context(cafile=ca), timeout=10) as client:
+            info = client.get(f"https://127.0.0.1:{gateway_port}/v1/img2img/info").json()
+        assert info["model"]["readiness"] == "READINESS_READY"
+        # A server's port refuses a client that is not the gateway: no client certificate.
+        port = env["KILN_IMG2IMG__SERVER__PORT"]
+        with grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(Path(ca).read_bytes())) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError):
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        down = subprocess.run(
+            [sys.executable, "deploy/local_stack.py", "down"], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert down.returncode == 0, down.stderr
+        assert launcher.wait(timeout=60) == 0
     finally:
         if launcher.poll() is None:
             launcher.send_signal(signal.SIGINT)

@@ -416,6 +416,11 @@ def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
     return {
         "mappers": [
             _too_large_mapper(settings),
+            # Auth refusals (401/403) with their gRPC codes (auth work).
+            *auth.local_reply_mappers(settings),
+            # Edge refusals (edge work): an encoded slash in the path; a rate limit (RESOURCE_EXHAUSTED
+            # on gRPC-Web too, a JSON Status with RetryInfo).
+            *edge.local_reply_mappers(settings),
             {
                 "filter": {
                     "status_code_filter": {
@@ -465,7 +470,10 @@ def _listener(settings: GatewaySettings, web_files: Sequence[str] | None) -> dic
         manager["access_log"] = [
             {
                 "name": "envoy.access_loggers.stdout",
-                "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"),
+                # No query strings (signed links) and no credentials in the log (auth work).
+                "typed_config": _typed(
+                    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=auth.access_log_format()
+                ),
             }
         ]
     chain: dict[str, Any] = {}
@@ -593,6 +601,8 @@ def render_config(settings: GatewaySettings, *, web_files: Sequence[str] | None 
             "clusters": [
                 _cluster(settings, SERVICES[0], settings.img2img_upstreams),
                 _cluster(settings, SERVICES[1], settings.mesh_upstreams),
+                # A remote JWKS's cluster when there is one (auth work).
+                *auth.clusters(settings),
             ],
         },
     }

@@ -25,6 +25,8 @@ K8S = DEPLOY / "k8s"
 OVERLAYS = ("cpu", "gpu", "cpu-s3", "gpu-s3")
 #: The overlays that keep artifacts in an S3-compatible bucket (components/s3), not on a volume.
 S3_OVERLAYS = ("cpu-s3", "gpu-s3")
+#: The overlays with TLS everywhere (components/tls): probes and the gateway's config differ.
+TLS_OVERLAYS = ("gpu-tls",)
 MODEL_SERVERS = ("img2img", "mesh")
 DOCKERFILES = {name: DOCKER / f"{name}.Dockerfile" for name in (*MODEL_SERVERS, "gateway")}
 #: Oldest Kubernetes the manifests are written for: native gRPC probes (1.27), the preStop

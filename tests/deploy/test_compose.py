@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from gateway.kiln_gateway.container import CONFIG_PATH, UPSTREAMS
+from gateway.kiln_gateway.auth import parse_api_keys
+from gateway.kiln_gateway.container import CONFIG_PATH, UPSTREAMS, container_settings
 from kiln_runtime.settings import ServerSettings
 from tests.deploy.support import DEPLOY, DOCKERFILES, MODEL_SERVERS, ROOT, env_of, is_setting, read_dockerfile, stages
 
@@ -135,3 +136,23 @@ def test_the_s3_override_points_both_servers_at_that_bucket() -> None:
         assert env["AWS_ACCESS_KEY_ID"] == weed["environment"]["AWS_ACCESS_KEY_ID"]
         assert env["AWS_SECRET_ACCESS_KEY"] == weed["environment"]["AWS_SECRET_ACCESS_KEY"]
         assert env["KILN_STORAGE__PUBLIC_BASE_URL"] == ""
+
+
+def test_the_gateway_reads_api_keys_from_a_compose_secret() -> None:
+    data = compose()
+    (secret,) = data["services"]["gateway"]["secrets"]
+    # The baked-in config reads the keys file at this path while Envoy runs.
+    assert secret["target"] == str(container_settings().auth.api_keys_file)
+    source = data["secrets"][secret["source"]]["file"]
+    default = re.fullmatch(r"\$\{KILN_API_KEYS_FILE:-(.+)\}", source)
+    assert default, source
+    # The default is the committed example: it exists and holds no key (every call is 401).
+    example = DEPLOY / default.group(1)
+    assert example.is_file() and parse_api_keys(example.read_text()) == []
+
+
+def test_both_servers_share_a_required_url_signing_key() -> None:
+    services = compose()["services"]
+    values = {services[name]["environment"]["KILN_STORAGE__URL_SIGNING_KEY"] for name in MODEL_SERVERS}
+    (value,) = values  # one variable for both: links signed by mesh are checked by img2img
+    assert value.startswith("${KILN_URL_SIGNING_KEY:?")  # Compose refuses to start without it

@@ -17,8 +17,18 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from deploy.dev_ca import issue, make_ca
 from gateway.kiln_gateway import Envoy, EnvoyError, GatewaySettings, validate_config
-from gateway.kiln_gateway.container import CONFIG_PATH, CONTAINER_ROOT, WEB_FILES, render_container_config
+from gateway.kiln_gateway.container import (
+    API_KEYS_FILE,
+    CONFIG_PATH,
+    CONTAINER_ROOT,
+    TLS_CONFIG_PATH,
+    WEB_FILES,
+    container_settings,
+    render_container_config,
+    tls_fields,
+)
 from gateway.kiln_gateway.render import HEALTH_PATH
 from tests.deploy.support import DOCKERFILES, ROOT, read_dockerfile, stages
 
@@ -142,3 +152,51 @@ def test_healthz_and_the_prestop_drain_against_envoy(envoy: Envoy) -> None:
 
 def test_gateway_script_rejects_unknown_commands(envoy: Envoy) -> None:
     assert gateway_script(envoy, "restart").returncode == 2
+
+
+def filenames(node: object) -> Iterator[str]:
+    """Every `filename` value anywhere in a config (data sources Envoy reads from disk)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "filename" and isinstance(value, str):
+                yield value
+            else:
+                yield from filenames(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from filenames(item)
+
+
+def test_committed_tls_config_is_fresh() -> None:
+    assert TLS_CONFIG_PATH.read_text() == render_container_config(tls=True), "run: python deploy/render_gateway.py"
+
+
+def test_committed_tls_config_passes_envoy_validate(tmp_path: Path) -> None:
+    # Envoy loads certificates with the config: stage them where the Secrets would be mounted.
+    stage_container_root(tmp_path)
+    ca = make_ca(tmp_path / "ca")
+    for folder, name, client in (("gateway", "gateway", False), ("upstream", "gateway-client", True)):
+        files = issue(ca, tmp_path / "ca", name, client=client)
+        target = tmp_path / "tls" / folder
+        target.mkdir(parents=True)
+        shutil.copy(files.cert, target / "tls.crt")
+        shutil.copy(files.key, target / "tls.key")
+    shutil.copy(ca.cert, tmp_path / "tls" / "upstream" / "ca.crt")
+    text = TLS_CONFIG_PATH.read_text().replace(f"{CONTAINER_ROOT}/", f"{tmp_path}/")
+    assert str(CONTAINER_ROOT) not in text
+    # Every certificate file of the TLS settings is one the config makes Envoy read.
+    assert {str(path) for path in tls_fields(tmp_path).values()} <= set(filenames(yaml.safe_load(text)))
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    validate_config(path)
+    # ...and validation is what would stop a gateway whose Secret lacks the client key.
+    (tmp_path / "tls" / "upstream" / "tls.key").unlink()
+    with pytest.raises(EnvoyError):
+        validate_config(path)
+
+
+def test_the_containers_check_api_keys_from_the_mounted_file() -> None:
+    settings = container_settings()
+    assert settings.auth.mode == "api_key"
+    assert str(settings.auth.api_keys_file) == str(CONTAINER_ROOT / API_KEYS_FILE)
+    assert str(CONTAINER_ROOT / API_KEYS_FILE) in CONFIG_PATH.read_text()

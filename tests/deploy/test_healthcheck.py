@@ -7,7 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+from deploy.dev_ca import issue, make_ca
 from kiln_img2img import SERVICE_NAME as IMG2IMG
 from kiln_mesh import SERVICE_NAME as MESH
 from kiln_runtime import healthcheck
@@ -67,3 +71,32 @@ async def test_nothing_listening_fails_within_the_timeout() -> None:
     started = loop.time()
     assert await run(free_port(), IMG2IMG, timeout_s=1.0) == 1
     assert loop.time() - started < 10
+
+
+async def test_mutual_tls_server_with_options_from_the_environment(
+    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the Kubernetes TLS component's exec probes run: the files come from KILN_HEALTHCHECK_*.
+    ca = make_ca(tmp_path / "pki")
+    server_files = issue(ca, tmp_path / "pki", "img2img", hosts=["img2img"])
+    client = issue(ca, tmp_path / "pki", "probe", client=True)
+    tls = {"tls_cert_file": server_files.cert, "tls_key_file": server_files.key, "tls_client_ca_file": ca.cert}
+    server, _ = await start_server("img2img", server=tls)
+    assert await run(server.port, IMG2IMG) == 1  # plaintext: refused
+    environment = healthcheck.ENVIRONMENT
+    monkeypatch.setenv(environment["ca_file"], str(ca.cert))
+    monkeypatch.setenv(environment["server_name"], "img2img")  # dialled as 127.0.0.1, verified as img2img
+    assert await run(server.port, IMG2IMG) == 1  # TLS, but no client certificate: refused
+    monkeypatch.setenv(environment["cert_file"], str(client.cert))
+    monkeypatch.setenv(environment["key_file"], str(client.key))
+    assert await run(server.port, IMG2IMG) == 0
+    assert await run(server.port, "") == 0
+    monkeypatch.setenv(environment["server_name"], "mesh")  # a name the certificate does not hold
+    assert await run(server.port, IMG2IMG) == 1
+
+
+def test_a_client_certificate_needs_its_key_and_a_ca(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        healthcheck.main(["--port", "1", "--ca-file", "ca.pem", "--cert-file", "c.pem"])
+    assert exited.value.code == 2
+    assert "--cert-file and --key-file go together" in capsys.readouterr().err

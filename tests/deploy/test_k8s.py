@@ -7,7 +7,9 @@ for the oldest Kubernetes the manifests target and for the newest it knows.
 
 from __future__ import annotations
 
+import base64
 import copy
+from pathlib import PurePosixPath
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
@@ -15,12 +17,14 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 from kubernetes_validate.utils import latest_version  # type: ignore[import-untyped]
 
-from gateway.kiln_gateway.container import CONFIG_PATH, UPSTREAMS
+from gateway.kiln_gateway.auth import parse_api_keys
+from gateway.kiln_gateway.container import CONFIG_PATH, TLS_CONFIG_PATH, UPSTREAMS, container_settings, tls_fields
 from gateway.kiln_gateway.render import HEALTH_PATH
 from kiln.img2img.v1 import img2img_service_pb2
 from kiln.mesh.v1 import mesh_service_pb2
 from kiln_img2img import SERVICE_NAME as IMG2IMG_SERVICE
 from kiln_mesh import SERVICE_NAME as MESH_SERVICE
+from kiln_runtime import healthcheck
 from kiln_runtime.settings import ServerSettings, StorageSettings
 from kiln_runtime.telemetry.metrics import ServiceMetrics
 from tests.deploy.support import (
@@ -29,6 +33,7 @@ from tests.deploy.support import (
     MODEL_SERVERS,
     OVERLAYS,
     S3_OVERLAYS,
+    TLS_OVERLAYS,
     container,
     env_value,
     find,
@@ -50,7 +55,7 @@ def test_health_names_are_the_servers_own() -> None:
     assert HEALTH_NAMES == {"img2img": IMG2IMG_SERVICE, "mesh": MESH_SERVICE}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
 @pytest.mark.parametrize("version", [K8S_MIN_VERSION, latest_version()])
 def test_every_manifest_validates(overlay: str, version: str) -> None:
     manifests = render_overlay(overlay)
@@ -62,6 +67,7 @@ def test_every_manifest_validates(overlay: str, version: str) -> None:
             "HorizontalPodAutoscaler",
             "Job",
             "Namespace",
+            "NetworkPolicy",
             "PersistentVolumeClaim",
             "PodDisruptionBudget",
             "Secret",
@@ -96,7 +102,7 @@ def test_probes_ask_the_real_health_service(overlay: str, name: str) -> None:
     assert env_value(server, f"KILN_{name.upper()}__SERVER__PORT") == str(port)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
 @pytest.mark.parametrize("name", MODEL_SERVERS)
 def test_termination_covers_prestop_and_the_drain(overlay: str, name: str) -> None:
     deployment = find(render_overlay(overlay), "Deployment", name)
@@ -138,7 +144,7 @@ def queue_depth_metric_name() -> str:
     return names[0]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
 @pytest.mark.parametrize("name", MODEL_SERVERS)
 def test_autoscaling_on_the_real_queue_metric(overlay: str, name: str) -> None:
     manifests = render_overlay(overlay)
@@ -185,7 +191,7 @@ def test_gpu_pools_request_a_gpu_on_gpu_nodes() -> None:
         assert env_value(container(deployment, name), f"KILN_{name.upper()}__RUNTIME__DEVICE") == "cpu"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
 def test_every_pod_is_sized_and_unprivileged(overlay: str) -> None:
     for manifest in render_overlay(overlay):
         if manifest["kind"] not in ("Deployment", "Job"):
@@ -200,7 +206,7 @@ def test_every_pod_is_sized_and_unprivileged(overlay: str) -> None:
             assert spec["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
 def test_every_pool_has_a_disruption_budget(overlay: str) -> None:
     manifests = render_overlay(overlay)
     for name in (*MODEL_SERVERS, "gateway"):
@@ -243,7 +249,7 @@ def test_the_gateway_mounts_the_committed_config(overlay: str) -> None:
     assert [p["containerPort"] for p in envoy["ports"]] == [port]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
 def test_environment_names_are_real_settings(overlay: str) -> None:
     manifests = render_overlay(overlay)
     names: set[str] = set()
@@ -255,6 +261,8 @@ def test_environment_names_are_real_settings(overlay: str) -> None:
                 names |= {item["name"] for item in spec.get("env", [])}
     kiln_names = {name for name in names if name.startswith("KILN_")}
     assert {"KILN_IMG2IMG__GEMINI__API_KEY", "KILN_MESH__STABLE_FAST_3D__API_KEY"} <= kiln_names
+    # The health check's own options (the TLS component's probes) are the one other reader of KILN_ names.
+    kiln_names -= set(healthcheck.ENVIRONMENT.values())
     assert [name for name in sorted(kiln_names) if not is_setting(name)] == []
 
 
@@ -274,7 +282,7 @@ def pods_using(manifests: list[dict[str, Any]], claim: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
 def test_the_model_cache_is_shared_and_filled_by_the_job(overlay: str) -> None:
     manifests = render_overlay(overlay)
     assert sorted(pods_using(manifests, "models")) == ["img2img", "mesh", "models-fetch"]
@@ -317,3 +325,207 @@ def test_s3_overlays_configure_the_bucket_from_a_config_map_and_a_secret(overlay
     volumes = find(manifests, "Deployment", name)["spec"]["template"]["spec"]["volumes"]
     (artifacts,) = [v for v in volumes if v["name"] == "artifacts"]
     assert "emptyDir" in artifacts and "persistentVolumeClaim" not in artifacts
+
+
+# --- Edge security: NetworkPolicies, Secrets, TLS -------------------------------------------------
+
+NAMESPACE = "kiln"
+#: Labels of a metrics scraper as the policies expect it (deploy/k8s/base/network-policies.yaml).
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions In/NotIn/Exists) against labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if operator == "In" and not (present and labels[key] in values):
+            return False
+        if operator == "NotIn" and present and labels[key] in values:
+            return False
+        if operator == "Exists" and not present:
+            return False
+        if operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def _peer_allows(peer: dict[str, Any], source: dict[str, str], source_namespace: dict[str, str]) -> bool:
+    if "ipBlock" in peer:
+        return False  # the policies use no ipBlocks; one would need its own check
+    if "namespaceSelector" in peer:
+        namespace_ok = _matches(peer["namespaceSelector"], source_namespace)
+    else:  # a podSelector alone means pods of the policy's own namespace
+        namespace_ok = source_namespace.get("kubernetes.io/metadata.name") == NAMESPACE
+    return namespace_ok and _matches(peer.get("podSelector", {}), source)
+
+
+def allowed(
+    manifests: list[dict[str, Any]],
+    target: str,
+    port_name: str,
+    source: dict[str, str],
+    source_namespace: str = NAMESPACE,
+) -> bool:
+    """Whether the rendered NetworkPolicies let a pod labelled `source` reach `target`'s named port.
+
+    The semantics of the API: a pod selected by no Ingress policy takes everything; a selected one
+    takes what the union of its policies' rules allows.
+    """
+    labels = find(manifests, "Deployment", target)["spec"]["template"]["metadata"]["labels"]
+    namespace_labels = {"kubernetes.io/metadata.name": source_namespace}
+    policies = [
+        m["spec"]
+        for m in manifests
+        if m["kind"] == "NetworkPolicy"
+        and "Ingress" in m["spec"]["policyTypes"]
+        and _matches(m["spec"]["podSelector"], labels)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy.get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(p.get("port") == port_name for p in ports):
+                continue
+            peers = rule.get("from")
+            if peers is None or any(_peer_allows(peer, source, namespace_labels) for peer in peers):
+                return True
+    return False
+
+
+def pod_labels(manifests: list[dict[str, Any]], name: str) -> dict[str, str]:
+    labels: dict[str, str] = find(manifests, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
+def test_network_policies_let_only_the_gateway_reach_the_servers(overlay: str) -> None:
+    manifests = render_overlay(overlay)
+    policies = [m for m in manifests if m["kind"] == "NetworkPolicy"]
+    deny = find(manifests, "NetworkPolicy", "default-deny-ingress")["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    assert all(p["metadata"]["namespace"] == NAMESPACE for p in policies)
+    gateway = pod_labels(manifests, "gateway")
+    stranger = {"app.kubernetes.io/name": "debug-shell"}
+    job = find(manifests, "Job", "models-fetch")["spec"]["template"]["metadata"].get("labels", {})
+    for name in MODEL_SERVERS:
+        # The policies name ports; each name must exist on the container, or the rule matches nothing.
+        assert {p["name"] for p in container(find(manifests, "Deployment", name), name)["ports"]} == {"grpc", "metrics"}
+        assert allowed(manifests, name, "grpc", gateway)
+        assert not allowed(manifests, name, "grpc", stranger)
+        assert not allowed(manifests, name, "grpc", job)
+        assert not allowed(manifests, name, "grpc", pod_labels(manifests, "mesh" if name == "img2img" else "img2img"))
+        assert not allowed(manifests, name, "grpc", gateway, source_namespace="elsewhere")
+        assert not allowed(manifests, name, "grpc", PROMETHEUS, source_namespace="monitoring")
+        assert allowed(manifests, name, "metrics", PROMETHEUS, source_namespace="monitoring")
+        assert allowed(manifests, name, "metrics", PROMETHEUS)
+        assert not allowed(manifests, name, "metrics", gateway)
+        assert not allowed(manifests, name, "metrics", stranger, source_namespace="monitoring")
+    # The public port is open to anyone (authentication is the gateway's job); nothing else is.
+    assert allowed(manifests, "gateway", "http", stranger, source_namespace="ingress-nginx")
+    assert not allowed(manifests, "gateway", "admin", stranger)
+
+
+def test_the_policy_check_can_fail() -> None:
+    # Without the default deny, a pod no other policy selects (the gateway's admin port aside)
+    # would be open: the evaluator must see that.
+    manifests = [m for m in render_overlay("gpu") if m["kind"] != "NetworkPolicy" or m["metadata"]["name"] != "gateway"]
+    manifests = [m for m in manifests if m["metadata"]["name"] != "default-deny-ingress"]
+    assert allowed(manifests, "gateway", "admin", {"app.kubernetes.io/name": "debug-shell"})
+
+
+def _mounted(deployment: dict[str, Any], container_name: str, path: str) -> dict[str, Any]:
+    """The volume whose mount in `container_name` holds `path` (a file inside a mounted folder)."""
+    spec = container(deployment, container_name)
+    (mount,) = [m for m in spec["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mount.get("readOnly") is True, mount
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    result: dict[str, Any] = volume
+    return result
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
+def test_the_gateway_reads_api_keys_from_a_secret(overlay: str) -> None:
+    manifests = render_overlay(overlay)
+    settings = container_settings()
+    assert settings.auth.mode == "api_key"  # the containers listen on every interface
+    keys_file = str(settings.auth.api_keys_file)
+    volume = _mounted(find(manifests, "Deployment", "gateway"), "envoy", keys_file)
+    secret = find(manifests, "Secret", "gateway-api-keys")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert PurePosixPath(keys_file).name in secret["data"]
+    # Only the group may read it; the pod's fsGroup is that group, so Envoy's user can.
+    assert volume["secret"]["defaultMode"] == 0o440
+    pod = find(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    # The committed example holds no key: a real one is filled in locally, never committed.
+    committed = base64.b64decode(secret["data"][PurePosixPath(keys_file).name]).decode()
+    assert parse_api_keys(committed) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)
+def test_both_servers_share_the_url_signing_key_from_a_secret(overlay: str) -> None:
+    manifests = render_overlay(overlay)
+    secret = find(manifests, "Secret", "url-signing-key")
+    references = []
+    for name in MODEL_SERVERS:
+        (item,) = [
+            e
+            for e in container(find(manifests, "Deployment", name), name)["env"]
+            if e["name"] == "KILN_STORAGE__URL_SIGNING_KEY"
+        ]
+        reference = item["valueFrom"]["secretKeyRef"]
+        assert reference["name"] == secret["metadata"]["name"] and reference["key"] in secret["data"]
+        references.append(reference)
+    assert references[0] == references[1]
+    assert is_setting("KILN_STORAGE__URL_SIGNING_KEY")
+    assert base64.b64decode(secret["data"]["url-signing-key"]) == b""  # committed empty; filled locally
+
+
+@pytest.mark.parametrize("overlay", TLS_OVERLAYS)
+def test_the_tls_component_mounts_certificates_where_the_configs_expect_them(overlay: str) -> None:
+    manifests = render_overlay(overlay)
+    # The gateway runs the TLS render, and every file it names is in a mounted Secret.
+    config_map = find(manifests, "ConfigMap", "gateway-envoy")
+    assert config_map["data"] == {"envoy.yaml": TLS_CONFIG_PATH.read_text()}
+    gateway = find(manifests, "Deployment", "gateway")
+    secrets = {}
+    for field, path in tls_fields().items():
+        volume = _mounted(gateway, "envoy", str(path))
+        secrets[field] = volume["secret"]["secretName"]
+        assert PurePosixPath(str(path)).name in ("tls.crt", "tls.key", "ca.crt")
+    assert secrets["cert_file"] == secrets["key_file"] == "gateway-tls"
+    assert secrets["upstream_ca_file"] == secrets["upstream_client_cert_file"] == "gateway-upstream-tls"
+    assert container(gateway, "envoy")["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    listener = yaml.safe_load(TLS_CONFIG_PATH.read_text())["static_resources"]["listeners"][0]
+    assert listener["filter_chains"][0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    for name in MODEL_SERVERS:
+        deployment = find(manifests, "Deployment", name)
+        server = container(deployment, name)
+        prefix = f"KILN_{name.upper()}__SERVER__"
+        files = {
+            key: env_value(server, f"{prefix}{key}") for key in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
+        }
+        for path in files.values():
+            assert path is not None
+            assert _mounted(deployment, name, path)["secret"]["secretName"] == "model-server-tls"
+        # The settings accept what the manifest sets (the names are real, the pairing is right).
+        assert ServerSettings(**{k.lower(): v for k, v in files.items()}).tls_enabled
+        # Native gRPC probes cannot speak TLS: the image's health check runs instead, with a client certificate.
+        port = next(p["containerPort"] for p in server["ports"] if p["name"] == "grpc")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            command = server[probe]["exec"]["command"]
+            assert "grpc" not in server[probe]
+            assert command[:3] == ["python", "-m", "kiln_runtime.healthcheck"]
+            assert command[command.index("--port") + 1] == str(port)
+            service = command[command.index("--service") + 1] if "--service" in command else ""
+            assert service == (HEALTH_NAMES[name] if probe != "livenessProbe" else "")
+        for variable in ("KILN_HEALTHCHECK_CA_FILE", "KILN_HEALTHCHECK_CERT_FILE", "KILN_HEALTHCHECK_KEY_FILE"):
+            path = env_value(server, variable)
+            assert path is not None
+            assert _mounted(deployment, name, path)["secret"]["secretName"] == "gateway-upstream-tls"
+        # The gateway verifies the name it dials: the servers' certificate must carry it.
+        assert env_value(server, "KILN_HEALTHCHECK_SERVER_NAME") == UPSTREAMS[name].partition(":")[0]

@@ -47,7 +47,14 @@ def http_filter(config: dict[str, Any], name: str) -> dict[str, Any]:
             id="cors-origins",
         ),
         pytest.param(
-            {"host": "0.0.0.0", "port": 0, "admin_port": 0, "stream_idle_timeout_s": 0.5, "num_retries": 0},
+            {
+                "host": "0.0.0.0",
+                "auth": {"allow_anonymous": True},  # off loopback, mode none must be asked for
+                "port": 0,
+                "admin_port": 0,
+                "stream_idle_timeout_s": 0.5,
+                "num_retries": 0,
+            },
             id="edges",
         ),
     ],
@@ -70,6 +77,7 @@ def test_config_has_the_recipe_must_haves() -> None:
         "cors",
         "stateful_session",
         "grpc_web",
+        "auth",  # kiln.auth: removes a client's principal header (and checks credentials when on)
         "lua",
         "buffer",
         "grpc_json_transcoder",
@@ -93,6 +101,7 @@ def test_config_has_the_recipe_must_haves() -> None:
         "/kiln.mesh.v1.MeshProvider/",
         "/v1/mesh",
         "/kiln.artifacts.v1.ArtifactProvider/",
+        "/v1/artifacts/",  # with a `signature` query parameter: a signed link, no credentials needed
         "/v1/artifacts",
     ]
     for route in routes:
@@ -117,7 +126,8 @@ def test_session_header_picks_the_replica_but_never_strictly() -> None:
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = [r for r in manager["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]
     off = {r["match"]["prefix"] for r in routes if r.get("typed_per_filter_config", {}).get(SESSION_FILTER)}
-    assert off == {"/kiln.artifacts.v1.ArtifactProvider/", "/v1/artifacts"}
+    # "/v1/artifacts/": the signed-link route (auth.apply_to_routes), a copy of the artifacts route.
+    assert off == {"/kiln.artifacts.v1.ArtifactProvider/", "/v1/artifacts", "/v1/artifacts/"}
     for route in routes:
         if route["match"]["prefix"] in off:
             assert route["typed_per_filter_config"][SESSION_FILTER]["disabled"] is True

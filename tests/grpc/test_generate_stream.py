@@ -48,7 +48,7 @@ async def collect(
 
 
 async def test_event_order_accepted_progress_result(start_server: StartServer) -> None:
-    _, channel = await start_server(fake={"steps": 4})
+    _, channel = await start_server(fake={"steps": 4}, storage={"local_path_uris": True})
     stub = img2img_grpc.Img2ImgProviderStub(channel)
     events = await collect(stub.Generate(img2img_request(preview_every_n_steps=2)))
 
@@ -208,7 +208,7 @@ async def test_overflow_gets_resource_exhausted_with_retry_info(start_server: St
 
 
 async def test_cancel_while_running_frees_slot_and_stores_nothing(start_server: StartServer) -> None:
-    server, channel = await start_server(fake={"steps": 50, "step_delay_s": 0.05})
+    server, channel = await start_server(fake={"steps": 50, "step_delay_s": 0.05}, storage={"local_path_uris": True})
     stub = img2img_grpc.Img2ImgProviderStub(channel)
     call = stub.Generate(img2img_request(on_disconnect=job_pb2.DISCONNECT_POLICY_CANCEL))
     job_id = (await call.read()).accepted.job_id
@@ -266,7 +266,9 @@ async def test_large_artifact_delivery_respects_message_cap(
     start_server: StartServer, delivery: int, expect_inline: bool, expect_chunks: bool
 ) -> None:
     cap = 1 << 20
-    _, channel = await start_server("mesh", fake={"output_bytes": 3 * cap}, server={"max_message_bytes": cap})
+    _, channel = await start_server(
+        "mesh", fake={"output_bytes": 3 * cap}, server={"max_message_bytes": cap}, storage={"local_path_uris": True}
+    )
     stub = mesh_grpc.MeshProviderStub(channel)
     request = mesh.GenerateRequest(image=png_bytes(), output_format=mesh.MESH_FORMAT_GLB, delivery=delivery)  # type: ignore[arg-type]
     events = [e async for e in stub.Generate(request)]

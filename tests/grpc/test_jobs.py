@@ -251,7 +251,8 @@ async def test_get_job_shows_the_request_progress_and_result(start_server: Start
     done = (await stub.GetJob(pb.GetJobRequest(job_id=job_id))).job
     assert done.status.state == SUCCEEDED and done.status.last_sequence == events[-1].sequence
     artifact = done.result.artifacts[0]
-    assert artifact.id == events[-1].result.artifacts[0].id and artifact.uri and not artifact.inline_data
+    assert artifact.id == events[-1].result.artifacts[0].id and not artifact.inline_data
+    assert artifact.uri == "", "no public_base_url and no local_path_uris: clients fetch by id, no server path"
     retention = server.runtime.settings.jobs.retention_s
     lifetime = done.status.expire_time.ToNanoseconds() - done.status.end_time.ToNanoseconds()
     assert lifetime == pytest.approx(retention * 1e9, abs=1e6)

@@ -68,7 +68,7 @@ async def test_grpcurl_generate_with_the_tiny_model(tiny: TinyModels, tmp_path: 
     process, port = await start(tmp_path, KILN_IMG2IMG__MODEL__ID=str(tiny.diffusers_dir))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await wait_ready(pb_grpc.Img2ImgProviderStub(channel), str(tiny.diffusers_dir))
+            await wait_ready(pb_grpc.Img2ImgProviderStub(channel), tiny.diffusers_dir.name)
         body = {
             "image": base64.b64encode(png_bytes((64, 64))).decode(),
             "prompt": "a lighthouse",
@@ -107,7 +107,7 @@ async def test_sighup_reloads_a_new_model_without_dropping_a_stream(tiny: TinyMo
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.Img2ImgProviderStub(channel)
-            await wait_ready(stub, str(tiny.diffusers_dir))
+            await wait_ready(stub, tiny.diffusers_dir.name)
             request = pb.GenerateRequest(
                 image=png_bytes((64, 64)),
                 prompt="fox",
@@ -129,13 +129,13 @@ async def test_sighup_reloads_a_new_model_without_dropping_a_stream(tiny: TinyMo
             while (event := await call.read()) is not grpc.aio.EOF:
                 events.append(event)
             assert events[-1].WhichOneof("event") == "result"
-            assert events[-1].result.provenance.model_id == str(tiny.diffusers_dir)  # finished on the old model
+            assert events[-1].result.provenance.model_id == tiny.diffusers_dir.name  # finished on the old model
 
-            info = await wait_ready(stub, str(tiny.single_file))
+            info = await wait_ready(stub, tiny.single_file.name)
             assert len(info.model.model_revision) == 64  # the checkpoint's SHA-256
             after = stub.Generate(request)
             result = [e async for e in after][-1].result
-            assert result.provenance.model_id == str(tiny.single_file)
+            assert result.provenance.model_id == tiny.single_file.name  # a name, never the path
     finally:
         process.terminate()
         await process.wait()

@@ -107,6 +107,7 @@ def test_envoy_caps_follow_the_limit(limit: int | None) -> None:
         mapper
         for mapper in manager(config)["local_reply_config"]["mappers"]
         if mapper["filter"].get("status_code_filter", {}).get("comparison", {}).get("op") == "EQ"
+        and mapper["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] == 413
     ]
     body = too_large["body_format_override"]["json_format"]
     assert body["code"] == 3

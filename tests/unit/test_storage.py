@@ -5,6 +5,7 @@ import json
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kiln_runtime.signing import UrlSigner
 from kiln_runtime.storage import (
     ArtifactNotFound,
     ArtifactStore,
@@ -88,7 +90,7 @@ def decode_ms(job_id: str) -> int:
 
 @pytest.fixture
 def store(tmp_path: Path) -> LocalArtifactStore:
-    return LocalArtifactStore(tmp_path / "out")
+    return LocalArtifactStore(tmp_path / "out", local_path_uris=True)
 
 
 def all_files(root: Path) -> list[str]:
@@ -228,6 +230,23 @@ def test_public_base_url(tmp_path: Path) -> None:
     assert put.uri == f"https://cdn.example.com/kiln/{JOB}/mesh.glb"
     assert store.get(f"{JOB}/mesh.glb").uri == put.uri
     assert store.uri_for(f"{OTHER_JOB}/x.bin") == f"https://cdn.example.com/kiln/{OTHER_JOB}/x.bin"
+
+
+def test_no_server_paths_unless_asked(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    assert store.put(JOB, "mesh.glb", b"glb", media_type="model/gltf-binary").uri == ""
+    assert store.get(f"{JOB}/mesh.glb").uri == ""
+
+
+def test_signed_public_links(tmp_path: Path) -> None:
+    signer = UrlSigner(b"k" * 32, expiry_s=60)
+    store = LocalArtifactStore(tmp_path, public_base_url="https://kiln.example/v1/artifacts/", signer=signer)
+    uri = store.put(JOB, "mesh.glb", b"glb", media_type="model/gltf-binary").uri
+    parsed = urllib.parse.urlsplit(uri)
+    assert f"{parsed.scheme}://{parsed.netloc}{parsed.path}" == f"https://kiln.example/v1/artifacts/{JOB}/mesh.glb"
+    query = dict(urllib.parse.parse_qsl(parsed.query))
+    assert int(query["expires"]) > time.time()
+    signer.check(f"{JOB}/mesh.glb", int(query["expires"]), query["signature"])
 
 
 def test_local_store_satisfies_the_protocol(store: LocalArtifactStore) -> None:

@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,9 +33,10 @@ from gateway.kiln_gateway import Envoy, GatewaySettings
 ROOT = Path(__file__).resolve().parents[2]
 WEB = ROOT / "clients" / "web"
 READY_TIMEOUT_S = 90.0
-#: "kiln.img2img.v1.Img2ImgProvider serving on 127.0.0.1:40123 (metrics on 40124)"
+#: "kiln.img2img.v1.Img2ImgProvider serving on 127.0.0.1:40123, plaintext (metrics on 40124)"; the
+#: transport word ("plaintext", "TLS", ...) is optional so older logs still match.
 SERVING_LINE = re.compile(
-    r"(?P<service>kiln\.\w+\.v1\.\w+) serving on [^\s]+:(?P<port>\d+) \(metrics on (?P<metrics>\d+)\)"
+    r"(?P<service>kiln\.\w+\.v1\.\w+) serving on [^\s,]+:(?P<port>\d+)(?:, [^(]*)? \(metrics on (?P<metrics>\d+)\)"
 )
 
 
@@ -90,10 +92,12 @@ class Stack:
     data_dir: Path
     web_root: Path
     extra: dict[str, str] = field(default_factory=dict)
+    #: "https" when the gateway was given a certificate (its listener then speaks TLS only).
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.envoy.port}/"
+        return f"{self.scheme}://127.0.0.1:{self.envoy.port}/"
 
     @property
     def output_dir(self) -> Path:
@@ -193,11 +197,12 @@ def _stop(servers: list[ServerProcess]) -> None:
 
 
 @contextlib.contextmanager
-def running_stack(work_dir: Path, **overrides: str) -> Iterator[Stack]:
+def running_stack(work_dir: Path, gateway: Mapping[str, Any] | None = None, **overrides: str) -> Iterator[Stack]:
     """Build the page, start both servers and Envoy; stop everything on exit.
 
     Args:
         work_dir: Holds the page build, the artifact storage and the server logs.
+        gateway: Extra GatewaySettings fields (e.g. `auth`, `tls` sections as dicts); none by default.
         **overrides: Extra KILN_... environment for both servers (e.g. admission limits).
 
     Yields:
@@ -216,7 +221,7 @@ def running_stack(work_dir: Path, **overrides: str) -> Iterator[Stack]:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for server in servers:
             _wait_serving(server, deadline)
-        gateway = GatewaySettings(
+        settings = GatewaySettings(
             _env_file=None,
             port=0,
             admin_port=0,
@@ -224,9 +229,11 @@ def running_stack(work_dir: Path, **overrides: str) -> Iterator[Stack]:
             mesh_upstreams=[f"127.0.0.1:{servers[1].port}"],
             web_root=web_root,
             access_log=False,
+            **(gateway or {}),
         )
-        with Envoy(gateway) as envoy:
-            yield Stack(servers[0], servers[1], envoy, data_dir, web_root, overrides)
+        scheme = "https" if settings.tls.cert_file is not None else "http"
+        with Envoy(settings) as envoy:
+            yield Stack(servers[0], servers[1], envoy, data_dir, web_root, overrides, scheme)
     finally:
         _stop(servers)
 

@@ -3,6 +3,7 @@
 // mode: text costs a third more bytes, and grpcio has no JSON codec for grpc-web+json.
 import { createClient, type CallOptions, type Client } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { askOptions, authInterceptor } from "./auth.js";
 import type { ServiceName } from "./errors.js";
 import type { JobStatus } from "./gen/kiln/common/v1/job_pb.js";
 import { Img2ImgProvider } from "./gen/kiln/img2img/v1/img2img_service_pb.js";
@@ -11,6 +12,8 @@ import { MeshProvider } from "./gen/kiln/mesh/v1/mesh_service_pb.js";
 const transport = createGrpcWebTransport({
   baseUrl: location.origin,
   useBinaryFormat: true,
+  // The API key (when the gateway wants one) on every call, and the key dialog on a 401.
+  interceptors: [authInterceptor],
 });
 
 export const img2img: Client<typeof Img2ImgProvider> = createClient(Img2ImgProvider, transport);
@@ -35,7 +38,8 @@ export function jobCallOptions(session: string | undefined, signal?: AbortSignal
 
 /** What the jobs list needs of either service: a job's status, and cancelling it. */
 export interface JobControls {
-  getJob(jobId: string, session: string | undefined): Promise<JobStatus | undefined>;
+  /** `ask`: whether a 401 may open the key dialog (false for lookups the person did not start). */
+  getJob(jobId: string, session: string | undefined, ask: boolean): Promise<JobStatus | undefined>;
   cancelJob(jobId: string, session: string | undefined): Promise<JobStatus | undefined>;
 }
 
@@ -44,14 +48,14 @@ export const CONTROL_TIMEOUT_MS = 15_000;
 
 export const jobControls: Record<ServiceName, JobControls> = {
   img2img: {
-    getJob: async (jobId, session) =>
-      (await img2img.getJob({ jobId }, jobCallOptions(session, undefined, CONTROL_TIMEOUT_MS))).job?.status,
+    getJob: async (jobId, session, ask) =>
+      (await img2img.getJob({ jobId }, { ...jobCallOptions(session, undefined, CONTROL_TIMEOUT_MS), ...askOptions(ask) })).job?.status,
     cancelJob: async (jobId, session) =>
       (await img2img.cancelJob({ jobId }, jobCallOptions(session, undefined, CONTROL_TIMEOUT_MS))).job?.status,
   },
   mesh: {
-    getJob: async (jobId, session) =>
-      (await mesh.getJob({ jobId }, jobCallOptions(session, undefined, CONTROL_TIMEOUT_MS))).job?.status,
+    getJob: async (jobId, session, ask) =>
+      (await mesh.getJob({ jobId }, { ...jobCallOptions(session, undefined, CONTROL_TIMEOUT_MS), ...askOptions(ask) })).job?.status,
     cancelJob: async (jobId, session) =>
       (await mesh.cancelJob({ jobId }, jobCallOptions(session, undefined, CONTROL_TIMEOUT_MS))).job?.status,
   },

@@ -156,6 +156,30 @@ function build(code: Code, message: string, details: Details, service: ServiceNa
           hint: "Its storage is full, so nothing was kept. Try again later, once old results have been cleaned up, or tell whoever runs the server.",
         };
       }
+      if (reason === "RATE_LIMITED") {
+        // The gateway's per-caller request rate: waiting the RetryInfo delay is enough.
+        return {
+          ...base,
+          kind: "busy",
+          title: "Too many requests",
+          hint:
+            retryAfterS !== undefined
+              ? `The gateway limits how often one caller may ask. Retry in ${Math.ceil(retryAfterS)} s.`
+              : "The gateway limits how often one caller may ask. Retry in a moment.",
+        };
+      }
+      if (reason === "QUOTA") {
+        // This caller's own limit of queued plus running jobs, not a full server.
+        return {
+          ...base,
+          kind: "busy",
+          title: "You have as many jobs as you may",
+          hint:
+            retryAfterS !== undefined
+              ? `Wait for one of your jobs to finish (or cancel one), then retry in ${Math.ceil(retryAfterS)} s.`
+              : "Wait for one of your jobs to finish (or cancel one), then retry.",
+        };
+      }
       if (reason !== "CAPACITY") {
         // Only CAPACITY is a full server. Without a reason this is a transport limit (gRPC's
         // "message larger than max"): retrying never helps, so the server's own words are shown.
@@ -206,6 +230,21 @@ function build(code: Code, message: string, details: Details, service: ServiceNa
         ...base,
         title: "No longer on the server",
         hint: `The ${server} keeps jobs and results for a limited time and this one is gone. Run it again.`,
+      };
+    case Code.Unauthenticated:
+      // The key dialog was cancelled (or the call could not ask): the gateway's words say why.
+      return {
+        ...base,
+        title: "This gateway needs an API key",
+        hint: "Choose Retry (or Enter API key at the top) and enter the key you were given.",
+      };
+    case Code.PermissionDenied:
+      // A valid key that may not use this service, or an altered/expired artifact link: asking
+      // for the key again would not help, so the page says so instead of looping.
+      return {
+        ...base,
+        title: `Not allowed to use the ${server}`,
+        hint: "Ask whoever runs Kiln for a key that may use it, or choose Forget key at the top and enter another one.",
       };
     case Code.DeadlineExceeded:
       return { ...base, title: "The job took too long", hint: "Try fewer steps or a smaller image." };

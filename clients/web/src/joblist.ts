@@ -5,6 +5,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { hideAlert, showAlert } from "./alerts.js";
 import { jobControls } from "./api.js";
+import { apiKey, onKeyChange } from "./auth.js";
 import { $, el, show } from "./dom.js";
 import { describeError, describeStatus, type ServiceName, type UiError } from "./errors.js";
 import { JobState, type JobStatus } from "./gen/kiln/common/v1/job_pb.js";
@@ -75,10 +76,13 @@ function isGone(error: unknown): boolean {
   return code === Code.NotFound || code === Code.InvalidArgument;
 }
 
-/** Looks a job up; drops it when the server no longer has it. Returns a failure to report, if any. */
-async function check(view: JobView): Promise<UiError | undefined> {
+/**
+ * Looks a job up; drops it when the server no longer has it. Returns a failure to report, if any.
+ * `ask`: whether a 401 may open the key dialog (not for the lookups on load and in the background).
+ */
+async function check(view: JobView, ask = false): Promise<UiError | undefined> {
   try {
-    const status = await jobControls[view.service].getJob(view.id, view.session);
+    const status = await jobControls[view.service].getJob(view.id, view.session, ask);
     if (status) applyStatus(view, status);
     else forget(view.id);
     return undefined;
@@ -101,14 +105,15 @@ function reportCheckFailure(failure: UiError, service: ServiceName, retry: () =>
  * After a load: check every saved job, then put each panel back where its jobs are: follow the
  * newest queued or running one, or else show the newest finished result.
  */
-async function restore(): Promise<void> {
+async function restore(ask = false): Promise<void> {
   hideAlert($("jobs-alert"));
   const views = [...jobViews()];
-  const failures = await Promise.all(views.map(check));
+  const failures = await Promise.all(views.map((view) => check(view, ask)));
   const failed = failures.findIndex((ui) => ui !== undefined);
   const failure = failures[failed];
   const failedView = views[failed];
-  if (failure && failedView) reportCheckFailure(failure, failedView.service, () => void restore());
+  // Retry is the person's own action: then a gateway that wants a key may ask for one.
+  if (failure && failedView) reportCheckFailure(failure, failedView.service, () => void restore(true));
   const shown = (["img2img", "mesh"] as const).map(async (service) => {
     const panel = panels[service];
     if (panel.busy()) return;
@@ -128,7 +133,7 @@ async function restore(): Promise<void> {
 /** Looks up the unfinished jobs no panel follows (started in another tab, or left behind). */
 async function poll(): Promise<void> {
   const stale = jobViews().filter((view) => !view.followed && !isFinished(view.state) && !cancelling.has(view.id));
-  await Promise.all(stale.map(check));
+  await Promise.all(stale.map((view) => check(view)));
 }
 
 async function cancel(view: JobView): Promise<void> {
@@ -257,6 +262,10 @@ export function setUpJobList(forPanels: Panels): void {
   });
   render();
   void restore();
+  // Jobs that could not be looked up for want of a key come back once one is entered.
+  onKeyChange(() => {
+    if (apiKey() && $("jobs-alert").dataset.code === "UNAUTHENTICATED") void restore();
+  });
   window.setInterval(() => {
     if (document.visibilityState === "visible") void poll();
   }, POLL_MS);

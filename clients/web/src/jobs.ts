@@ -4,6 +4,7 @@
 // ones, and checks every file against the SHA-256 the result carries.
 import { Code, ConnectError } from "@connectrpc/connect";
 import { artifactUrl } from "./api.js";
+import { fetchWithKey } from "./auth.js";
 import { ClientError, describeStatus, type ServiceName, type UiError } from "./errors.js";
 import type { Status } from "./gen/google/rpc/status_pb.js";
 import type { Artifact, ArtifactChunk } from "./gen/kiln/common/v1/artifact_pb.js";
@@ -147,8 +148,26 @@ async function checkIntegrity(artifact: Artifact, bytes: Uint8Array<ArrayBuffer>
   return "verified";
 }
 
+/**
+ * The artifact's signed link when it points at this page's own origin: it needs no key, and the
+ * page's Content-Security-Policy (`connect-src 'self'`) lets it be fetched. Anything else (no
+ * link, a `file://` URI, another host) is downloaded by id with the key instead.
+ */
+function signedLink(uri: string): string | undefined {
+  if (!uri) return undefined;
+  try {
+    const url = new URL(uri, location.href);
+    return url.origin === location.origin && url.searchParams.has("signature") ? url.href : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 async function fetchArtifact(artifact: Artifact, signal: AbortSignal): Promise<Uint8Array<ArrayBuffer>> {
-  const response = await fetch(artifactUrl(artifact.id), { signal });
+  const link = signedLink(artifact.uri);
+  let response = link ? await fetch(link, { signal }) : undefined;
+  // An expired link (a result looked at long after GetJob) is refused with 403: the key still works.
+  if (!response?.ok) response = await fetchWithKey(artifactUrl(artifact.id), { signal });
   if (response.status === 404) {
     // Removed by the server's retention cleanup (or never kept): only running it again helps.
     throw new ClientError(`${artifact.id} is no longer stored on the server`, Code.NotFound);

@@ -1,5 +1,6 @@
 // Kiln's page: pick an image, generate a new one with live progress and previews, turn either
 // into a mesh and look at it in 3D. All calls are gRPC-Web to the gateway serving this page.
+import { onKeyChange, setUpAuth } from "./auth.js";
 import { $ } from "./dom.js";
 import { cancelGeneration, generationBusy, imageShown, resumeGeneration, setUpGenerate, showImageJob } from "./generate.js";
 import "./hooks.js"; // installs `window.kiln`, which the browser tests read
@@ -9,6 +10,9 @@ import { cancelMesh, meshBusy, meshShown, resumeMesh, setUpMesh, showMeshJob } f
 import { refreshStatus } from "./status.js";
 
 $("origin").textContent = location.host;
+setUpAuth();
+// A new key (or none) may change what the servers answer: ask them again.
+onKeyChange(() => void refreshStatus());
 setUpInput();
 setUpGenerate();
 setUpMesh();

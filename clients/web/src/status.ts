@@ -1,5 +1,7 @@
 // Server status (GetInfo): the pills in the header, and the parameter ranges each server publishes.
+import { Code, type CallOptions } from "@connectrpc/connect";
 import { img2img, mesh } from "./api.js";
+import { askOptions } from "./auth.js";
 import { $, el, show } from "./dom.js";
 import { describeError, type ServiceName, type UiError } from "./errors.js";
 import { formatBytes, schedulerLabel, shortModelName } from "./format.js";
@@ -13,6 +15,17 @@ import type { GetInfoResponse as MeshInfo } from "./gen/kiln/mesh/v1/mesh_servic
 import { hooks } from "./hooks.js";
 import { status } from "./state.js";
 
+/** What a pill says when the gateway, not the server, turned the question down. */
+const PILL_TEXT: Partial<Record<Code, string>> = {
+  [Code.Unauthenticated]: "needs an API key",
+  [Code.PermissionDenied]: "not allowed with this key",
+};
+
+/** The pills ask in the background: a 401 there never opens the key dialog (the person's next action does). */
+function background(): CallOptions {
+  return { timeoutMs: 5000, ...askOptions(false) };
+}
+
 let rangesApplied = { img2img: false, mesh: false };
 
 function setStatus(service: ServiceName, model: ModelInfo | undefined, limits: ServerLimits | undefined, error?: UiError): void {
@@ -21,8 +34,9 @@ function setStatus(service: ServiceName, model: ModelInfo | undefined, limits: S
   const name = service === "img2img" ? "image server" : "3D server";
   if (!model || error) {
     pill.dataset.state = "down";
-    if (detail) detail.textContent = "unreachable";
-    pill.title = `The ${name} does not answer${error ? `: ${error.message}` : ""}`;
+    if (detail) detail.textContent = error ? (PILL_TEXT[error.code] ?? "unreachable") : "unreachable";
+    const refused = error && PILL_TEXT[error.code];
+    pill.title = refused ? `${error.title}: ${error.message}` : `The ${name} does not answer${error ? `: ${error.message}` : ""}`;
     return;
   }
   const states: Record<number, [string, string]> = {
@@ -112,8 +126,8 @@ export async function refreshStatus(): Promise<void> {
     }
   };
   const [imageInfo, meshInfo] = await Promise.all([
-    ask("img2img", () => img2img.getInfo({}, { timeoutMs: 5000 })),
-    ask("mesh", () => mesh.getInfo({}, { timeoutMs: 5000 })),
+    ask("img2img", () => img2img.getInfo({}, background())),
+    ask("mesh", () => mesh.getInfo({}, background())),
   ]);
   if (imageInfo) {
     hooks.info.img2img = imageInfo;

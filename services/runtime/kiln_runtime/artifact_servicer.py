@@ -4,11 +4,17 @@
 any size in pieces read from the store off the event loop. Each piece is yielded only after the
 previous one was handed to the transport, so grpc's HTTP/2 flow control paces the reads: a slow
 reader holds the server to a few pieces in memory, never the whole file.
+
+Who may read an artifact: the principal that owns its job (the owner in `<job id>/job.json`),
+or anybody with a valid signed link (`expires` + `signature`, see `kiln_runtime.signing`).
+Another principal gets NOT_FOUND with the message of a missing artifact, so ids cannot be
+probed; a link that was altered or has expired gets PERMISSION_DENIED, never the artifact.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -20,8 +26,19 @@ from google.api import httpbody_pb2
 from kiln.artifacts.v1 import artifact_service_pb2 as pb
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as pb_grpc
 from kiln_runtime.errors import ArtifactTooLarge, FieldViolation, InvalidArgument, KilnError, NotFound
+from kiln_runtime.job_api import record_owner
 from kiln_runtime.jobs import MESSAGE_OVERHEAD_BYTES
-from kiln_runtime.storage import JOB_FILES, ArtifactNotFound, ArtifactStore, InvalidArtifactId, StoredArtifact
+from kiln_runtime.principal import ANONYMOUS, current_principal
+from kiln_runtime.signing import LinkRefused, UrlSigner
+from kiln_runtime.storage import (
+    JOB_FILES,
+    JOB_RECORD_NAME,
+    ArtifactNotFound,
+    ArtifactStore,
+    InvalidArtifactId,
+    StoredArtifact,
+    validate_artifact_id,
+)
 
 SERVICE_NAME = "kiln.artifacts.v1.ArtifactProvider"
 
@@ -38,6 +55,16 @@ CONTENT_RANGE_HEADER = "x-kiln-content-range"
 
 #: One `bytes=` range of RFC 9110 §14.1.2: `first-last`, `first-` or `-suffix`.
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+#: Job owners remembered (an owner never changes; this only saves re-reading records).
+OWNER_CACHE_SIZE = 4096
+
+
+class LinkNotValid(KilnError):
+    """A signed link that was altered, is incomplete or has expired: PERMISSION_DENIED (HTTP 403)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "LINK_NOT_VALID"
 
 
 class RangeNotSatisfiable(KilnError):
@@ -93,26 +120,79 @@ def _invocation_header(context: grpc.aio.ServicerContext[Any, Any], name: str) -
 
 
 class ArtifactServicer(pb_grpc.ArtifactProviderServicer):
-    def __init__(self, store: ArtifactStore, max_message_bytes: int) -> None:
+    """GetArtifact and DownloadArtifact for the owner of the artifact's job, or for a signed link.
+
+    Args:
+        store: Where the artifacts and the job records are.
+        max_message_bytes: The server's message cap (GetArtifact answers at most this).
+        signer: Checks signed links; None: the store's own signer (the one its links are made with).
+    """
+
+    def __init__(self, store: ArtifactStore, max_message_bytes: int, *, signer: UrlSigner | None = None) -> None:
         self.store = store
         self.max_bytes = max_message_bytes - MESSAGE_OVERHEAD_BYTES
         self.chunk_bytes = max(1, min(DOWNLOAD_CHUNK_BYTES, self.max_bytes))
+        self.signer = signer if signer is not None else getattr(store, "signer", None)
+        self._owners: collections.OrderedDict[str, str] = collections.OrderedDict()
 
-    async def _describe(self, artifact_id: str) -> StoredArtifact:
+    async def _describe(self, request: pb.GetArtifactRequest | pb.DownloadArtifactRequest) -> StoredArtifact:
+        artifact_id = request.artifact_id
+        missing = NotFound(f"no artifact {artifact_id!r} (never stored, removed by cleanup, or not yours)")
         if artifact_id.rpartition("/")[2] in JOB_FILES:  # the job's own files: GetJob answers for them
             raise NotFound(f"no artifact {artifact_id!r}; the job's own files are read with GetJob")
+        try:
+            job_id, _ = validate_artifact_id(artifact_id)
+        except InvalidArtifactId as err:
+            raise InvalidArgument([FieldViolation("artifact_id", f"{err}; expected <job id>/<file name>")]) from None
+        if request.signature or request.expires:
+            self._check_link(request)
+        elif await self._owner(job_id) != current_principal():
+            raise missing  # the same answer as for an artifact that does not exist
         try:
             return await asyncio.to_thread(self.store.get, artifact_id)
         except InvalidArtifactId as err:
             raise InvalidArgument([FieldViolation("artifact_id", f"{err}; expected <job id>/<file name>")]) from None
         except ArtifactNotFound:
-            raise NotFound(f"no artifact {artifact_id!r} (never stored, or removed by cleanup)") from None
+            raise missing from None
+
+    def _check_link(self, request: pb.GetArtifactRequest | pb.DownloadArtifactRequest) -> None:
+        if not request.signature or not request.expires:
+            field = "signature" if not request.signature else "expires"
+            raise LinkNotValid(f"this link is incomplete: it has no {field}; use the whole link from the result")
+        if self.signer is None:  # this server makes no links, so it cannot vouch for any
+            raise LinkNotValid("this link's signature does not match")
+        try:
+            self.signer.check(request.artifact_id, request.expires, request.signature)
+        except LinkRefused as err:
+            raise LinkNotValid(str(err)) from None
+
+    async def _owner(self, job_id: str) -> str:
+        """The principal owning `job_id`, from its record.
+
+        ANONYMOUS without a record: files from before ownership, or stored outside any job.
+        """
+        cached = self._owners.get(job_id)
+        if cached is not None:
+            self._owners.move_to_end(job_id)
+            return cached
+        try:
+            data = await asyncio.to_thread(self.store.read, f"{job_id}/{JOB_RECORD_NAME}")
+        except ArtifactNotFound:
+            return ANONYMOUS  # not cached: the record may yet be written
+        try:
+            owner = record_owner(data)
+        except (ValueError, AttributeError):
+            return ""  # an unreadable record: nobody's until it can be read (no principal is "")
+        self._owners[job_id] = owner
+        if len(self._owners) > OWNER_CACHE_SIZE:
+            self._owners.popitem(last=False)
+        return owner
 
     async def GetArtifact(  # noqa: N802 - gRPC method name
         self, request: pb.GetArtifactRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> httpbody_pb2.HttpBody:
         artifact_id = request.artifact_id
-        stored = await self._describe(artifact_id)
+        stored = await self._describe(request)
         if stored.size_bytes > self.max_bytes:
             raise ArtifactTooLarge(
                 f"{artifact_id} is {stored.size_bytes} bytes, more than one message may carry "
@@ -149,7 +229,7 @@ class ArtifactServicer(pb_grpc.ArtifactProviderServicer):
         self, request: pb.DownloadArtifactRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         artifact_id = request.artifact_id
-        stored = await self._describe(artifact_id)
+        stored = await self._describe(request)
         start, stop, partial = self._span(request, context, stored.size_bytes)
         headers = [(CONTENT_LENGTH_HEADER, str(stop - start))]
         if partial:

@@ -27,7 +27,9 @@ from kiln_runtime.jobs import (
 )
 from kiln_runtime.limits import AdmissionController
 from kiln_runtime.model_manager import ModelManager, Readiness
+from kiln_runtime.model_source import public_model_id
 from kiln_runtime.provider import ProviderDescription, Reproducibility
+from kiln_runtime.redaction import public_status, without_paths
 from kiln_runtime.settings import ServiceSettings
 
 ResponseT = TypeVar("ResponseT")
@@ -109,7 +111,7 @@ def artifact(delivered: DeliveredArtifact) -> artifact_pb2.Artifact:
 def provenance(description: ProviderDescription) -> job_pb2.Provenance:
     return job_pb2.Provenance(
         provider=description.kind,
-        model_id=description.model_id,
+        model_id=public_model_id(description.model_id),
         model_revision=description.model_revision,
         device=description.device,
         dtype=description.dtype,
@@ -166,7 +168,7 @@ def generate_response(
     if isinstance(event, ResultEvent):
         return response_type(result=result(event))
     if isinstance(event, ErrorEvent):
-        return response_type(error=event.error.to_status(domain))
+        return response_type(error=public_status(event.error.to_status(domain)))
     raise TypeError(f"unknown job event {event!r}")
 
 
@@ -175,12 +177,12 @@ def model_info(manager: ModelManager, *, storage_refusal: KilnError | None = Non
     description = manager.describe()
     info = service_info_pb2.ModelInfo(
         provider=description.kind,
-        model_id=description.model_id,
+        model_id=public_model_id(description.model_id),
         model_revision=description.model_revision,
         device=description.device,
         dtype=description.dtype,
         readiness=_READINESS[manager.readiness],
-        readiness_reason=_readiness_reason(manager, storage_refusal),
+        readiness_reason=without_paths(_readiness_reason(manager, storage_refusal)),
         library_versions=description.library_versions,
         loaded=manager.loaded,
     )

@@ -104,9 +104,26 @@ class Overloaded(KilnError):
         self.retry_after_s = retry_after_s
 
     def extra_details(self) -> list[any_pb2.Any]:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(self.retry_after_s * 1e9))
-        return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
+        return [_retry_info(self.retry_after_s)]
+
+
+class Quota(KilnError):
+    """The caller already has its limit of queued plus running jobs on this server.
+
+    RESOURCE_EXHAUSTED with `RetryInfo` (about when one of the caller's own jobs ends), like
+    CAPACITY, but not retriable: the limit is the caller's, so another try right away, by Envoy
+    or the client, only asks again for what the caller was just refused.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUOTA"
+
+    def __init__(self, message: str, *, retry_after_s: float, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after_s = retry_after_s
+
+    def extra_details(self) -> list[any_pb2.Any]:
+        return [_retry_info(self.retry_after_s)]
 
 
 class ModelNotReady(KilnError):
@@ -191,6 +208,12 @@ class ReplicaLost(KilnError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "REPLICA_LOST"
+
+
+def _retry_info(seconds: float) -> any_pb2.Any:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
 
 
 def _pack(message: object) -> any_pb2.Any:

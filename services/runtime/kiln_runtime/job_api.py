@@ -5,6 +5,12 @@
 server holds answers from memory; any other answers from its record (`<job_id>/job.json`
 beside its artifacts), which is how a restarted server or another replica sharing the store
 sees finished jobs, and how it notices that the replica running a job has gone.
+
+Every job belongs to the principal that submitted it (`JobStatus.owner`, also in the record).
+Another principal gets NOT_FOUND with the very message of a job that does not exist, so job ids
+cannot be probed; ListJobs lists the caller's own jobs only. Artifact URIs are made afresh
+whenever a result is sent: signed links and presigned URLs expire, a replay must not hand out
+dead ones.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from kiln_runtime import convert as common
 from kiln_runtime.errors import FieldViolation, InvalidArgument, KilnError, NotFound, ReplicaLost
 from kiln_runtime.job_table import DisconnectPolicy, Job, JobState, JobTable, Submission, by_reference
 from kiln_runtime.jobs import AcceptedEvent, JobEvent, ResultEvent, RunnerEvent
+from kiln_runtime.principal import ANONYMOUS, current_principal
+from kiln_runtime.redaction import public_status
 from kiln_runtime.settings import JobsSettings
 from kiln_runtime.storage import (
     JOB_CANCEL_NAME,
@@ -121,6 +129,7 @@ def submission(request: Any) -> Submission:
         client_request_id=request.client_request_id,
         fingerprint=fingerprint(request),
         policy=policy,
+        owner=current_principal(),
     )
 
 
@@ -201,13 +210,14 @@ class StoreRecorder:
             last_sequence=job.last_sequence,
             watchers=job.watchers,
             disconnect_policy=_POLICY_NAMES[job.submission.policy],
+            owner=job.submission.owner,
         )
         if job.queue_eta_s is not None:
             status.queue_eta.CopyFrom(common.duration(job.queue_eta_s))
         if job.progress is not None:
             status.progress.CopyFrom(common.progress(job.progress))
         if job.error is not None:
-            status.error.CopyFrom(job.error.to_status(self.domain))
+            status.error.CopyFrom(public_status(job.error.to_status(self.domain)))
         message = self.messages.job(status=status, request=job.submission.request)
         if job.result is not None:
             message.result.CopyFrom(result_message(self.messages, by_reference(job.result)))
@@ -220,6 +230,8 @@ class StoreRecorder:
             "replica": self.replica,
             "heartbeat_at": time.time(),
             "fingerprint": job.submission.fingerprint,
+            # Also inside `job`; here too so the artifact service can read it without the job's classes.
+            "owner": job.submission.owner,
             "job": json_format.MessageToDict(self.message(job)),
         }
         return json.dumps(record, sort_keys=True).encode()
@@ -295,6 +307,24 @@ class StoreRecorder:
         return lost
 
 
+def record_owner(data: bytes) -> str:
+    """The owner a stored job record names (ANONYMOUS for records from before ownership).
+
+    Raises:
+        ValueError: The record is not a job record.
+    """
+    record = json.loads(data)
+    if not isinstance(record, dict):
+        raise ValueError("a job record is a JSON object")
+    owner = record.get("owner") or record.get("job", {}).get("status", {}).get("owner")
+    return str(owner) if owner else ANONYMOUS
+
+
+def owner_of(message: Any) -> str:
+    """The owner of a service's `Job` message (ANONYMOUS when it names none)."""
+    return str(message.status.owner) or ANONYMOUS
+
+
 class JobRpcs:
     """Generate, WatchJob, GetJob, CancelJob and ListJobs for one service."""
 
@@ -316,6 +346,8 @@ class JobRpcs:
             raise InvalidArgument([FieldViolation("after_sequence", "must be 0 (from the start) or more")])
         job = self.table.get(job_id)
         if job is not None:
+            if job.submission.owner != current_principal():
+                raise _not_found(job_id, self.table.settings)
             async for response in self._follow(job, request.after_sequence):
                 yield response
             return
@@ -323,20 +355,23 @@ class JobRpcs:
             yield response
 
     async def get(self, request: Any) -> Any:
-        return self.messages.get_job_response(job=await self._job(_job_id(request.job_id)))
+        return self.messages.get_job_response(job=self._fresh(await self._job(_job_id(request.job_id))))
 
     async def cancel(self, request: Any) -> Any:
         job_id = _job_id(request.job_id)
+        held = self.table.get(job_id)
+        if held is not None and held.submission.owner != current_principal():
+            raise _not_found(job_id, self.table.settings)
         job = await self.table.cancel(job_id)
         if job is not None:
-            return self.messages.cancel_job_response(job=self.recorder.message(job))
+            return self.messages.cancel_job_response(job=self._fresh(self.recorder.message(job)))
         # Not held here: finished (returned unchanged), lost with its replica, or running on
         # another replica (the caller sent no session header): that one is asked through the store.
         message = await self._job(job_id)
         if message.status.state not in _TERMINAL:
             reason = "cancelled by CancelJob (passed on by another replica)"
             await asyncio.to_thread(self.recorder.request_cancel, job_id, reason)
-        return self.messages.cancel_job_response(job=message)
+        return self.messages.cancel_job_response(job=self._fresh(message))
 
     async def list(self, request: Any) -> Any:
         page_size = request.page_size or DEFAULT_PAGE_SIZE
@@ -355,32 +390,53 @@ class JobRpcs:
         if before:
             ids = [job_id for job_id in ids if job_id < before]
         page: list[Any] = []
-        examined, reads, now = 0, 0, time.time()
+        examined, reads, now, caller = 0, 0, time.time(), current_principal()
         for job_id in ids:
             if len(page) == page_size or reads == MAX_RECORD_READS:
                 break
             examined += 1
             job = self.table.get(job_id) if job_id in held else None
             if job is not None:
+                if job.submission.owner != caller:
+                    continue
                 message = self.recorder.message(job)
             else:
                 reads += 1
                 record = await asyncio.to_thread(self.recorder.load, job_id)
                 message = None if record is None else self.recorder.view(record, now)
+                if message is not None and owner_of(message) != caller:
+                    continue
             if message is not None and (not states or message.status.state in states):
-                page.append(message)
+                page.append(self._fresh(message))
         token = _encode_token(ids[examined - 1], states) if examined < len(ids) else ""
         return self.messages.list_jobs_response(jobs=page, next_page_token=token)
 
     async def _job(self, job_id: str) -> Any:
+        """The caller's job as a message; NOT_FOUND if missing or another principal's (alike)."""
         job = self.table.get(job_id)
         if job is not None:
+            if job.submission.owner != current_principal():
+                raise _not_found(job_id, self.table.settings)
             return self.recorder.message(job)
         record = await asyncio.to_thread(self.recorder.load, job_id)
         message = None if record is None else self.recorder.view(record, time.time())
-        if message is None:
+        if message is None or owner_of(message) != current_principal():
             raise _not_found(job_id, self.table.settings)
         return message
+
+    def _fresh(self, message: Any) -> Any:
+        """`message` (a Job or a GenerateResponse) with its result's artifact URIs made now."""
+        if message.HasField("result"):
+            for artifact in message.result.artifacts:
+                artifact.uri = self._uri(artifact.id)
+        return message
+
+    def _uri(self, artifact_id: str) -> str:
+        try:
+            return self.recorder.store.uri_for(artifact_id)
+        except Exception as err:  # a link is a convenience: the artifact is still there by id
+            log.warning("could not make the URI of artifact %s: %s", artifact_id, err)
+            return ""
 
     async def _follow(self, job: Job, after: int) -> AsyncIterator[Any]:
         """A held job's events after `after`, ending with the status its terminal event carries."""
@@ -399,7 +455,7 @@ class JobRpcs:
         while True:
             record = await asyncio.to_thread(self.recorder.load, job_id)
             job = None if record is None else self.recorder.view(record, time.time())
-            if job is None:
+            if job is None or owner_of(job) != current_principal():
                 raise _not_found(job_id, self.table.settings)
             status = job.status
             if not sent_accepted:
@@ -414,7 +470,7 @@ class JobRpcs:
                     sequence = after + 1
                 if after < sequence:
                     terminal = {"result": job.result} if job.HasField("result") else {"error": status.error}
-                    yield self.messages.generate_response(sequence=sequence, **terminal)
+                    yield self._fresh(self.messages.generate_response(sequence=sequence, **terminal))
                 if status.HasField("error"):
                     raise StoredError(status.error)
                 return
@@ -428,7 +484,7 @@ class JobRpcs:
 
         response = common.generate_response(event, messages.generate_response, result, self.domain)
         response.sequence = sequence
-        return response
+        return self._fresh(response)
 
 
 def _job_id(value: str) -> str:

@@ -36,6 +36,7 @@ from kiln_runtime.jobs import (
     RunnerEvent,
     StartedEvent,
 )
+from kiln_runtime.principal import ANONYMOUS
 from kiln_runtime.settings import JobsSettings
 from kiln_runtime.telemetry.logging import request_id_var
 from kiln_runtime.telemetry.metrics import ServiceMetrics
@@ -81,6 +82,7 @@ class Submission:
     client_request_id: str
     fingerprint: str  # equal for equal requests (AIP-155), see job_api.fingerprint
     policy: DisconnectPolicy
+    owner: str = ANONYMOUS  # the principal that submitted it; only it sees the job and its artifacts
 
 
 @dataclass(eq=False)
@@ -185,7 +187,8 @@ class JobTable:
         self._recorder = recorder
         self._metrics = metrics
         self._jobs: dict[str, Job] = {}  # insertion order is creation order
-        self._by_request_id: dict[str, Job | _Pending] = {}
+        # Keyed by (owner, client_request_id): ids are the client's own, so two principals may pick the same.
+        self._by_request_id: dict[tuple[str, str], Job | _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -241,12 +244,14 @@ class JobTable:
         """Start the job whose events `events` yields, or attach to its earlier twin.
 
         Returns once the job is accepted. A refusal before acceptance (invalid input, capacity,
-        storage) is raised here, as a plain status. The same `client_request_id` with the same
-        request returns the existing job (the model runs once); with a different request it is
-        INVALID_ARGUMENT naming `client_request_id`.
+        storage) is raised here, as a plain status. The same `client_request_id` from the same
+        principal with the same request returns the existing job (the model runs once); with a
+        different request it is INVALID_ARGUMENT naming `client_request_id`. Another principal's
+        ids never match: each principal's ids are its own.
         """
         key = submission.client_request_id
-        while key and (earlier := self._by_request_id.get(key)) is not None:
+        scoped = (submission.owner, key)
+        while key and (earlier := self._by_request_id.get(scoped)) is not None:
             fingerprint = earlier.fingerprint if isinstance(earlier, _Pending) else earlier.submission.fingerprint
             if fingerprint != submission.fingerprint:
                 await _close(events)
@@ -273,7 +278,7 @@ class JobTable:
             return job
         pending = _Pending(submission.fingerprint, asyncio.get_running_loop().create_future())
         if key:
-            self._by_request_id[key] = pending
+            self._by_request_id[scoped] = pending
         task = asyncio.create_task(self._pump(events, submission, pending), name="kiln-job")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -287,7 +292,7 @@ class JobTable:
             raise
 
     async def _pump(self, events: AsyncIterator[RunnerEvent], submission: Submission, pending: _Pending) -> None:
-        key = submission.client_request_id
+        key = (submission.owner, submission.client_request_id)
         try:
             first = await anext(events)
         except asyncio.CancelledError:
@@ -308,7 +313,7 @@ class JobTable:
         job = Job(first.job_id, submission, created_at=time.time(), position=first.position)
         job._task = asyncio.current_task()
         self._jobs[job.id] = job
-        if key:
+        if key[1]:
             self._by_request_id[key] = job
         job._append(first)
         self._update_gauges()
@@ -538,8 +543,8 @@ class JobTable:
 
     def _forget(self, job: Job) -> None:
         self._jobs.pop(job.id, None)
-        key = job.submission.client_request_id
-        if key and self._by_request_id.get(key) is job:
+        key = (job.submission.owner, job.submission.client_request_id)
+        if key[1] and self._by_request_id.get(key) is job:
             del self._by_request_id[key]
         self._update_gauges()
 
@@ -553,8 +558,8 @@ class JobTable:
             self._metrics.jobs.labels(service=self._metrics.service, state=state.value).set(count)
         self._metrics.jobs_retained_bytes.set(self.retained_bytes)
 
-    def _forget_pending(self, key: str, pending: _Pending) -> None:
-        if key and self._by_request_id.get(key) is pending:
+    def _forget_pending(self, key: tuple[str, str], pending: _Pending) -> None:
+        if key[1] and self._by_request_id.get(key) is pending:
             del self._by_request_id[key]
 
 

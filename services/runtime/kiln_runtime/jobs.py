@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from kiln_runtime.errors import Cancelled, DeadlineExceeded, InternalError, KilnError, StorageFull
 from kiln_runtime.limits import AdmissionController, Slot, Ticket
 from kiln_runtime.model_manager import ModelHold, ModelManager
+from kiln_runtime.principal import current_principal
 from kiln_runtime.provider import ProgressUpdate, RunContext, Stage
 from kiln_runtime.storage import ArtifactStore, StoredArtifact, new_job_id
 from kiln_runtime.storage.budget import StorageGuard
@@ -164,9 +165,9 @@ class JobRunner:
     ) -> AsyncIterator[RunnerEvent]:
         """Admit and run `work`, yielding its events.
 
-        Raises `StorageFull`, `Overloaded` or `ShuttingDown` before the first event when the job
-        cannot be admitted. After the first event, a failure is yielded as `ErrorEvent` and then raised,
-        so the call ends with the same status. Closing the iterator cancels the job.
+        Raises `StorageFull`, `Quota`, `Overloaded` or `ShuttingDown` before the first event when
+        the job cannot be admitted. After the first event, a failure is yielded as `ErrorEvent` and
+        then raised, so the call ends with the same status. Closing the iterator cancels the job.
 
         Args:
             work: The job itself, run in a worker thread once it holds a slot.
@@ -179,7 +180,9 @@ class JobRunner:
                 the `preprocess` phase.
         """
         self.check_storage()  # may raise StorageFull before anything is sent
-        ticket = self.admission.admit()  # may raise before anything is sent
+        # The call's principal (set by the request interceptor; the job's pump task inherits it)
+        # decides its quota and its turn in the fair queue.
+        ticket = self.admission.admit(current_principal())  # may raise before anything is sent
         phases = list(timings)
         if prepare is not None:
             prepare_started = time.perf_counter()

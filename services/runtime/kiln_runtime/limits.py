@@ -1,29 +1,39 @@
-"""Per-model admission control: a few run slots and a bounded FIFO wait queue in front of them.
+"""Per-model admission control: a few run slots and a bounded, fair wait queue in front of them.
 
-A request calls `AdmissionController.admit()` on the event loop and gets a `Ticket` (a slot at
-once, or a place in the queue) or an error to send straight back: `Overloaded` when the queue is
+A request calls `AdmissionController.admit(principal)` on the event loop and gets a `Ticket` (a
+slot at once, or a place in the queue) or an error to send straight back: `Quota` when the
+principal already has its limit of queued plus running jobs, `Overloaded` when the queue is
 full, `ShuttingDown` while draining. `Ticket.wait_for_slot()` yields the `Slot`, which the worker
 thread that ran the job hands back with `Slot.release()` from whatever thread it is on.
 
 Everything but `Slot.release()` runs on the loop thread, so the bookkeeping needs no locks; a
-release from another thread is marshalled onto the loop. A freed slot goes straight to the first
-waiter, never back to a pool, so a newcomer cannot overtake the queue.
+release from another thread is marshalled onto the loop. A freed slot goes straight to a waiter,
+never back to a pool, so a newcomer cannot overtake the queue.
+
+Fairness: the queue is one FIFO per principal, served round-robin. The principal at the head of
+the rotation gets up to its weight in grants (default 1), then moves to the back if it still
+waits. A principal that had nobody waiting joins at the back of the rotation, so its first job is
+granted after every principal already waiting has had at most one more turn: one client flooding
+the queue delays another's job by at most one of its own jobs per turn (its weight's worth), not
+by its whole backlog. Positions are each ticket's place in the order the rotation will grant if
+nobody else arrives; they are recomputed on every change, so a position can also grow when
+another principal's job joins ahead of it in that order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from kiln_runtime.errors import Overloaded, ShuttingDown
+from kiln_runtime.errors import Overloaded, Quota, ShuttingDown
+from kiln_runtime.principal import ANONYMOUS
 
 _log = logging.getLogger(__name__)
 
@@ -90,10 +100,15 @@ class Ticket:
     """One admitted request: it holds a slot or a place in the wait queue.
 
     Attributes:
-        position: The current 1-based place in the queue; 0 once it holds a slot (or has left).
+        principal: Who asked; the queue is fair between principals.
+        position: The current 1-based place in the order the queue will grant slots; 0 once it
+            holds a slot (or has left).
     """
 
-    def __init__(self, controller: AdmissionController, loop: asyncio.AbstractEventLoop, position: int) -> None:
+    def __init__(
+        self, controller: AdmissionController, loop: asyncio.AbstractEventLoop, principal: str, position: int
+    ) -> None:
+        self.principal = principal
         self.position = position
         self._controller = controller
         self._loop = loop
@@ -104,7 +119,7 @@ class Ticket:
         self._reported_position = position
 
     async def wait_for_slot(self, on_position: Callable[[int], None] | None = None) -> Slot:
-        """Wait, in FIFO order, until this ticket holds a slot, and return it.
+        """Wait, in the queue's fair order, until this ticket holds a slot, and return it.
 
         If the awaiting task is cancelled, the ticket leaves the queue (or passes on a slot it
         was handed at that moment) and the `CancelledError` propagates.
@@ -163,14 +178,17 @@ class Ticket:
 
 
 class AdmissionController:
-    """Admission for one model: `max_concurrency` run slots and a FIFO queue of `max_queue` places.
+    """Admission for one model: `max_concurrency` run slots and a fair queue of `max_queue` places.
 
     Args:
         max_concurrency: Jobs that may run at once (at least 1).
-        max_queue: Jobs that may wait for a slot (0 rejects whenever every slot is busy).
+        max_queue: Jobs that may wait for a slot, all principals together (0 rejects whenever
+            every slot is busy).
         clock: Monotonic clock in seconds; stamps `Slot.acquired_at`.
         initial_run_estimate_s: Run time assumed until the first run is timed; without it
             retry hints assume 1 s and `eta_for_position()` returns None.
+        principal_weights: Grants per turn of the rotation by principal (at least 1); others get 1.
+        max_jobs_per_principal: Most queued plus running jobs one principal may have; 0 is no limit.
     """
 
     def __init__(
@@ -180,6 +198,8 @@ class AdmissionController:
         *,
         clock: Callable[[], float] = time.monotonic,
         initial_run_estimate_s: float | None = None,
+        principal_weights: Mapping[str, int] | None = None,
+        max_jobs_per_principal: int = 0,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -187,8 +207,16 @@ class AdmissionController:
             raise ValueError(f"max_queue must be at least 0, got {max_queue}")
         if initial_run_estimate_s is not None and not initial_run_estimate_s > 0:
             raise ValueError(f"initial_run_estimate_s must be positive, got {initial_run_estimate_s}")
+        weights = dict(principal_weights or {})
+        for name, weight in weights.items():
+            if weight < 1:
+                raise ValueError(f"the weight of principal {name!r} must be at least 1, got {weight}")
+        if max_jobs_per_principal < 0:
+            raise ValueError(f"max_jobs_per_principal must be at least 0, got {max_jobs_per_principal}")
         self._max_concurrency = max_concurrency
         self._max_queue = max_queue
+        self._weights = weights
+        self._max_jobs_per_principal = max_jobs_per_principal
         self._clock = clock
         self._initial_run_estimate_s = initial_run_estimate_s
         self._mean_run_s: float | None = None
@@ -196,7 +224,12 @@ class AdmissionController:
         self._loop: asyncio.AbstractEventLoop | None = None
         # `running` and `queued` are the sizes of these, so no counter can drift from the truth.
         self._holders: set[Slot] = set()
-        self._waiters: deque[Ticket] = deque()
+        # One FIFO per principal that has a waiter (never an empty one), and those principals in
+        # the order they are served: the head gets the next grant.
+        self._queues: dict[str, deque[Ticket]] = {}
+        self._rotation: deque[str] = deque()
+        # Grants the head of the rotation has had in its current turn; below its weight.
+        self._head_grants = 0
         self._slot_futures: set[asyncio.Future[None]] = set()
         self._idle_futures: list[asyncio.Future[None]] = []
 
@@ -215,29 +248,46 @@ class AdmissionController:
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return sum(len(queue) for queue in self._queues.values())
+
+    @property
+    def max_jobs_per_principal(self) -> int:
+        return self._max_jobs_per_principal
+
+    def weight(self, principal: str) -> int:
+        """Grants `principal` gets per turn of the rotation."""
+        return self._weights.get(principal, 1)
+
+    def jobs_of(self, principal: str) -> tuple[int, int]:
+        """(running, queued) jobs of `principal`, counted from the slots and its queue."""
+        running = sum(1 for slot in self._holders if slot._ticket.principal == principal)
+        return running, len(self._queues.get(principal, ()))
 
     @property
     def draining(self) -> bool:
         return self._draining
 
-    def admit(self) -> Ticket:
-        """Take a slot if one is free and nobody waits, else a place at the back of the queue.
+    def admit(self, principal: str = ANONYMOUS) -> Ticket:
+        """Take a slot if one is free and nobody waits, else a place at the back of `principal`'s queue.
 
         Raises:
             ShuttingDown: `start_draining()` was called.
+            Quota: `principal` already has `max_jobs_per_principal` jobs queued or running.
             Overloaded: Every slot is busy and the queue is full.
         """
         if self._draining:
             raise ShuttingDown("server is shutting down; retry on another replica")
         loop = self._bind_loop()
-        if len(self._holders) < self._max_concurrency and not self._waiters:
-            ticket = Ticket(self, loop, position=0)
+        # Before capacity: the caller can act on its own limit, and a QUOTA refusal must not
+        # turn into a CAPACITY one that Envoy would retry on another replica.
+        self._check_quota(principal)
+        if len(self._holders) < self._max_concurrency and not self._queues:
+            ticket = Ticket(self, loop, principal, position=0)
             self._grant(ticket)
             return ticket
-        if len(self._waiters) < self._max_queue:
-            ticket = Ticket(self, loop, position=len(self._waiters) + 1)
-            self._waiters.append(ticket)
+        if self.queued < self._max_queue:
+            ticket = Ticket(self, loop, principal, position=0)  # `_enqueue` places it
+            self._enqueue(ticket)
             return ticket
         estimate = self.retry_after_estimate()
         busy = f"all {self._max_concurrency} slot(s) busy and {self._max_queue} job(s) waiting"
@@ -255,7 +305,22 @@ class AdmissionController:
     def retry_after_estimate(self) -> float:
         """Seconds until a newcomer could expect a place: (queued + 1) runs spread over the slots."""
         mean = self._effective_mean_run_s() or _DEFAULT_RUN_ESTIMATE_S
-        return max(_MIN_RETRY_AFTER_S, (len(self._waiters) + 1) * mean / self._max_concurrency)
+        return max(_MIN_RETRY_AFTER_S, (self.queued + 1) * mean / self._max_concurrency)
+
+    def own_job_end_estimate(self, principal: str) -> float:
+        """Seconds until one of `principal`'s jobs should end, freeing a place under its quota.
+
+        The running job closest to its expected end, else the first queued one's ETA plus a run.
+        """
+        mean = self._effective_mean_run_s() or _DEFAULT_RUN_ESTIMATE_S
+        now = self._clock()
+        ends = [mean - (now - slot.acquired_at) for slot in self._holders if slot._ticket.principal == principal]
+        queue = self._queues.get(principal)
+        if queue:
+            ends.append(queue[0].position * mean / self._max_concurrency + mean)
+        if not ends:
+            return _MIN_RETRY_AFTER_S
+        return max(_MIN_RETRY_AFTER_S, min(ends))
 
     def eta_for_position(self, position: int) -> float | None:
         """Seconds until the ticket at `position` should get a slot; None with no run-time estimate."""
@@ -299,8 +364,8 @@ class AdmissionController:
         problems = self._invariant_problems()
         if self._holders:
             problems.append(f"{len(self._holders)} slot(s) still held")
-        if self._waiters:
-            problems.append(f"{len(self._waiters)} ticket(s) still queued")
+        if self._queues:
+            problems.append(f"{self.queued} ticket(s) still queued")
         if self._slot_futures:
             problems.append(f"{len(self._slot_futures)} wait_for_slot() future(s) still pending")
         if self._idle_futures:
@@ -312,11 +377,20 @@ class AdmissionController:
         problems = []
         if len(self._holders) > self._max_concurrency:
             problems.append(f"{len(self._holders)} slots held, limit {self._max_concurrency}")
-        if len(self._waiters) > self._max_queue:
-            problems.append(f"{len(self._waiters)} tickets queued, limit {self._max_queue}")
-        if self._waiters and len(self._holders) < self._max_concurrency:
+        if self.queued > self._max_queue:
+            problems.append(f"{self.queued} tickets queued, limit {self._max_queue}")
+        if self._queues and len(self._holders) < self._max_concurrency:
             problems.append("a slot is free while tickets wait")
-        for index, ticket in enumerate(self._waiters, start=1):
+        if sorted(self._rotation) != sorted(self._queues) or len(set(self._rotation)) != len(self._rotation):
+            problems.append(f"rotation {list(self._rotation)} does not match the queues {list(self._queues)}")
+        for principal, queue in self._queues.items():
+            if not queue:
+                problems.append(f"empty queue kept for {principal!r}")
+            if any(ticket.principal != principal for ticket in queue):
+                problems.append(f"another principal's ticket in the queue of {principal!r}")
+        if self._rotation and not 0 <= self._head_grants < self.weight(self._rotation[0]):
+            problems.append(f"head of the rotation has had {self._head_grants} grants this turn")
+        for index, ticket in enumerate(self._grant_order(), start=1):
             if ticket._state is not _State.QUEUED or ticket.position != index:
                 problems.append(f"queue entry {index} is {ticket._state.value} at position {ticket.position}")
         for slot in self._holders:
@@ -329,7 +403,7 @@ class AdmissionController:
         if loop is not self._loop:
             # Off-loop releases are marshalled to the loop the slot came from; mixing loops while
             # slots are out would split the bookkeeping between threads.
-            if self._holders or self._waiters:
+            if self._holders or self._queues:
                 raise RuntimeError("AdmissionController is in use on another event loop")
             self._loop = loop
         return loop
@@ -363,30 +437,99 @@ class AdmissionController:
         slot._ticket._state = _State.DONE
         if run_seconds is not None:
             self._record_run(run_seconds)
-        if self._waiters:
-            self._grant(self._waiters.popleft())
-            self._shift_positions(0)
+        if self._queues:
+            self._grant(self._pop_next())
+            self._reposition()
         self._wake_if_idle()
+
+    def _check_quota(self, principal: str) -> None:
+        limit = self._max_jobs_per_principal
+        if limit == 0:
+            return
+        running, queued = self.jobs_of(principal)
+        if running + queued < limit:
+            return
+        estimate = self.own_job_end_estimate(principal)
+        raise Quota(
+            f"you already have {running + queued} jobs queued or running here (the limit is {limit}); "
+            f"wait for one to finish or cancel one (about {estimate:.1f} s until one of them ends)",
+            retry_after_s=estimate,
+            metadata={"principal": principal, "running": str(running), "queued": str(queued), "limit": str(limit)},
+        )
+
+    def _enqueue(self, ticket: Ticket) -> None:
+        queue = self._queues.get(ticket.principal)
+        if queue is None:
+            # A principal with nobody waiting joins at the back: it is served once each principal
+            # already waiting has finished one turn (the head finishes the turn it is in), so it
+            # neither waits for their backlogs nor jumps ahead of anyone's current turn.
+            queue = self._queues[ticket.principal] = deque()
+            self._rotation.append(ticket.principal)
+        queue.append(ticket)
+        self._reposition()
+
+    def _pop_next(self) -> Ticket:
+        """Take the waiter the rotation serves next; `_grant_order()` predicts exactly this."""
+        principal = self._rotation[0]
+        queue = self._queues[principal]
+        ticket = queue.popleft()
+        self._head_grants += 1
+        if not queue:
+            del self._queues[principal]
+            self._rotation.popleft()
+            self._head_grants = 0
+        elif self._head_grants >= self.weight(principal):
+            self._rotation.rotate(-1)
+            self._head_grants = 0
+        return ticket
+
+    def _grant_order(self) -> list[Ticket]:
+        """Every waiter in the order `_pop_next()` will grant them if nobody else arrives."""
+        remaining = {principal: list(queue) for principal, queue in self._queues.items()}
+        taken = dict.fromkeys(remaining, 0)
+        rotation = deque(self._rotation)
+        used = self._head_grants  # only the head can be part-way through its turn
+        order: list[Ticket] = []
+        while rotation:
+            principal = rotation.popleft()
+            queue, start = remaining[principal], taken[principal]
+            count = min(self.weight(principal) - used, len(queue) - start)
+            order.extend(queue[start : start + count])
+            taken[principal] = start + count
+            used = 0
+            if taken[principal] < len(queue):
+                rotation.append(principal)
+        return order
 
     def _leave_queue(self, ticket: Ticket) -> None:
-        index = self._waiters.index(ticket)
-        del self._waiters[index]
+        queue = self._queues[ticket.principal]
+        queue.remove(ticket)
+        if not queue:
+            del self._queues[ticket.principal]
+            if self._rotation[0] == ticket.principal:
+                self._head_grants = 0  # the next principal starts a fresh turn
+            self._rotation.remove(ticket.principal)
         ticket._state = _State.DONE
         ticket.position = 0
-        self._shift_positions(index)
+        self._reposition()
         self._wake_if_idle()
 
-    def _shift_positions(self, start: int) -> None:
-        behind = list(itertools.islice(self._waiters, start, None))
-        for offset, ticket in enumerate(behind):
-            ticket.position = start + offset + 1
+    def _reposition(self) -> None:
+        """Give every waiter its place in the grant order, then tell those whose place changed.
+
+        The queue is small (`max_queue`), so recomputing it all on each change is cheap and
+        keeps every position true, including a rise when another principal's job enters ahead.
+        """
+        order = self._grant_order()
+        for index, ticket in enumerate(order, start=1):
+            ticket.position = index
         # Callbacks run only after every position is right, so one that re-enters sees a
         # consistent queue.
-        for ticket in behind:
+        for ticket in order:
             ticket._notify_position()
 
     def _is_idle(self) -> bool:
-        return not self._holders and not self._waiters
+        return not self._holders and not self._queues
 
     def _wake_if_idle(self) -> None:
         if not self._is_idle():

@@ -63,6 +63,21 @@ def resolve(settings: ModelSettings, *, setting_prefix: str) -> ModelSource:
     return ModelSource(SourceKind.HUB, identifier, settings.revision.strip(), None, settings.cache_dir)
 
 
+def public_model_id(identifier: str) -> str:
+    """How a model is named to clients: a hub id as it is, a local folder or file by its name only.
+
+    The server's folders are nobody else's business (and name users, mounts and layouts).
+    """
+    text = identifier.strip()
+    if not text:
+        return text
+    path = Path(text).expanduser()
+    local = text.startswith(("/", ".", "~")) or text.endswith(SINGLE_FILE_SUFFIXES) or text.count("/") != 1
+    if not (local or path.exists()):
+        return text  # owner/name on the hub
+    return path.name if path.name not in ("", ".", "..") else path.resolve().name
+
+
 def offline_requested(offline_setting: bool) -> bool:
     return offline_setting or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 

@@ -38,6 +38,8 @@ from kiln_runtime.jobs import JobRunner
 from kiln_runtime.limits import AdmissionController
 from kiln_runtime.model_manager import ModelManager
 from kiln_runtime.provider import Provider
+from kiln_runtime.server_tls import describe as describe_tls
+from kiln_runtime.server_tls import server_credentials
 from kiln_runtime.settings import KilnSettings, ServiceSettings, StorageSettings
 from kiln_runtime.storage import ArtifactStore, open_store
 from kiln_runtime.storage.budget import StorageGuard
@@ -103,7 +105,12 @@ def build_runtime(
     guard = StorageGuard.for_settings(store.root, kiln.storage) if isinstance(store, LocalArtifactStore) else None
     if guard is not None:
         guard.export_to(metrics)
-    admission = AdmissionController(settings.runtime.max_concurrency, settings.runtime.max_queue)
+    admission = AdmissionController(
+        settings.runtime.max_concurrency,
+        settings.runtime.max_queue,
+        principal_weights=settings.runtime.principal_weights,
+        max_jobs_per_principal=settings.jobs.max_jobs_per_principal,
+    )
     health_servicer = health.aio.HealthServicer()
     manager = ModelManager(
         provider,
@@ -215,7 +222,13 @@ class KilnServer:
     async def start(self) -> int:
         """Bind, start serving (health NOT_SERVING until the model is warm), return the port."""
         settings = self.runtime.settings.server
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        # Read before binding: a bad certificate path stops the server with the setting's name.
+        credentials = server_credentials(settings)
+        address = f"{settings.host}:{settings.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not bind {settings.host}:{settings.port}; is another server using it?")
         if settings.metrics_enabled:
@@ -230,12 +243,14 @@ class KilnServer:
             self._usage_task = asyncio.create_task(
                 self.runtime.storage_guard.watch(self._kiln.storage.usage_interval_s), name="kiln-storage-usage"
             )
+        # Tests and benchmarks read the port from this line: it stays "HOST:PORT (metrics on N)" first.
         log.info(
-            "%s serving on %s:%d (metrics on %d)",
+            "%s serving on %s:%d (metrics on %d); gRPC transport: %s",
             self._service_full_name,
             settings.host,
             self.port,
             self.metrics_port,
+            describe_tls(settings),
         )
         return self.port
 

@@ -12,7 +12,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ByteSize, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln_client.limits import DEFAULT_MAX_IMAGE_BYTES, max_request_message_bytes
@@ -43,6 +52,28 @@ class ServerSettings(BaseModel):
     shutdown_grace_s: PositiveFloat = Field(
         30.0, description="Seconds in-flight streams may take to finish after SIGTERM before they are cancelled."
     )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the gRPC port; with tls_key_file the port speaks TLS only."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA certificate(s): set = mutual TLS, only clients presenting a certificate from this CA "
+        "(the gateway's) are accepted. Needs tls_cert_file and tls_key_file. Metrics stay plaintext.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server TLS needs both tls_cert_file and tls_key_file (set both or neither)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file too")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the gRPC port speaks TLS."""
+        return self.tls_cert_file is not None
 
 
 class RuntimeSettings(BaseModel):
@@ -66,6 +97,11 @@ class RuntimeSettings(BaseModel):
         None,
         description="How long the model stays loaded after its last job: seconds or a duration (30s, 5m, 1h30m); "
         "0 unloads right after each job; unset (or negative) keeps it loaded. The next job reloads it.",
+    )
+    principal_weights: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description="Fair admission: grants per turn of the queue's round-robin, by principal (JSON object, "
+        'e.g. {"batch": 1, "studio": 3}); principals not listed get 1.',
     )
 
 
@@ -173,8 +209,19 @@ class StorageSettings(BaseModel):
     output_dir: Path | None = Field(None, description="Artifact directory; default <data_dir>/outputs.")
     public_base_url: str = Field(
         "",
-        description="If set, artifact URIs are <public_base_url>/<artifact id>; else file:// paths (local) or "
-        "presigned GET URLs (s3).",
+        description="If set, artifact URIs are signed links <public_base_url>/<artifact id>?expires=..&signature=.. "
+        "(the gateway's /v1/artifacts route); else presigned GET URLs (s3), or none (local: clients fetch by id).",
+    )
+    url_signing_key: SecretStr = Field(
+        SecretStr(""),
+        description="HMAC key of signed artifact links; every replica behind one gateway needs the same key. Empty: "
+        "a random key per process (links then work only on the server that made them).",
+    )
+    url_expiry_s: PositiveInt = Field(3600, description="Seconds a signed artifact link stays valid.")
+    local_path_uris: bool = Field(
+        False,
+        description="Local backend without public_base_url: give file:// URIs naming the server's folder (only for "
+        "clients on the same machine); off: no URI, clients download by artifact id.",
     )
     max_inline_bytes: PositiveInt = Field(
         2 * MiB, description="Artifacts up to this size may travel inline in the result message."
@@ -244,6 +291,12 @@ class JobsSettings(BaseModel):
         5.0,
         description="Seconds between rewrites of an unfinished job's stored record; a record three heartbeats old "
         "means its server is gone, and other replicas report the job as FAILED (REPLICA_LOST).",
+    )
+    max_jobs_per_principal: int = Field(
+        0,
+        ge=0,
+        description="Most queued plus running jobs one principal may have on this server; beyond it "
+        "RESOURCE_EXHAUSTED (reason QUOTA, not retried). 0 = no limit.",
     )
 
 

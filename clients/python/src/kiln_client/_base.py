@@ -78,12 +78,15 @@ def _credentials(tls: bool, credentials: grpc.ChannelCredentials | None) -> grpc
     return credentials
 
 
-def _call_metadata(api_key: str | None, metadata: Sequence[tuple[str, str]]) -> Metadata:
+def _call_metadata(api_key: str | None, token: str | None, metadata: Sequence[tuple[str, str]]) -> Metadata:
     # Sent per call rather than as call credentials: grpc refuses call credentials on an
     # insecure channel, and a gateway on a private network may take a key without TLS.
+    if api_key and token:
+        # Both travel in the one `authorization` header; sending one silently would hide a mistake.
+        raise ValueError("give an API key or a bearer token, not both")
     pairs = [(key.lower(), value) for key, value in metadata]
-    if api_key:
-        pairs.append(("authorization", f"Bearer {api_key}"))
+    if api_key or token:
+        pairs.append(("authorization", f"Bearer {api_key or token}"))
     return tuple(pairs)
 
 
@@ -106,6 +109,7 @@ class _ClientCore(Generic[StubT]):
         tls: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         api_key: str | None = None,
+        token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         retries: int = 2,
         resume_window_s: float = RESUME_WINDOW_S,
@@ -116,7 +120,7 @@ class _ClientCore(Generic[StubT]):
             channel,
             timeout=timeout,
             retries=retries,
-            metadata=_call_metadata(api_key, metadata),
+            metadata=_call_metadata(api_key, token, metadata),
             owns_channel=True,
             resume_window_s=resume_window_s,
         )
@@ -244,7 +248,11 @@ class ServiceClient(_ClientCore[StubT]):
             derived from it with headroom, so a too-large image gets the server's own answer.
         tls: Use TLS with the system's root certificates (ignored when ``credentials`` is given).
         credentials: Explicit channel credentials, for example ``grpc.ssl_channel_credentials(ca)``.
-        api_key: Sent as ``authorization: Bearer <key>`` on every call (for a gateway that checks it).
+        api_key: Sent as ``authorization: Bearer <key>`` on every call (a gateway with
+            ``KILN_GATEWAY__AUTH__MODE=api_key``).
+        token: A bearer token (a JWT from your identity provider), sent as ``authorization: Bearer
+            <token>`` on every call (a gateway with ``KILN_GATEWAY__AUTH__MODE=jwt``). Not together with
+            ``api_key``: both raises ValueError.
         metadata: Extra ``(key, value)`` pairs sent on every call.
         retries: Default number of retries before the job exists (its ``accepted`` event), of what
             can succeed on a later try: a full server (reason CAPACITY, after its RetryInfo

@@ -73,6 +73,7 @@ def connect(args: argparse.Namespace, client_type: type[AnyClient]) -> AnyClient
         tls=args.tls,
         credentials=credentials,
         api_key=args.api_key,
+        token=args.token,
         retries=args.retries,
         max_message_bytes=args.max_message_bytes,
         max_image_bytes=args.max_image_bytes,

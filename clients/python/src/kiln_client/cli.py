@@ -55,7 +55,15 @@ def _error_line(error: KilnError, target: str, timeout: float | None) -> str:
     """One line a person can act on."""
     code = error.code
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay_s is not None:
+        # The caller's own limits (its job quota, the gateway's request rate) are not "busy".
+        if error.reason in ("QUOTA", "RATE_LIMITED"):
+            return f"limit reached [{error.reason}], retry in {max(1, round(error.retry_delay_s))} s: {error.message}"
         return f"server busy, retry in {max(1, round(error.retry_delay_s))} s ({error.message})"
+    if (
+        code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        and error.reason != "LINK_NOT_VALID"
+    ):
+        return f"{error.message} (--api-key / KILN_API_KEY, or --token / KILN_TOKEN)"
     if code is grpc.StatusCode.UNAVAILABLE and error.reason in ("", "SHUTTING_DOWN"):
         # No reason: the connection. Other reasons (REPLICA_LOST, STORAGE_UNAVAILABLE) say more below.
         return f"cannot use {target}: {error.message} (is the stack running? `make up`, or set --target)"
@@ -275,7 +283,13 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--api-key",
         default=os.environ.get("KILN_API_KEY"),
-        help="sent as `authorization: Bearer <key>` (env KILN_API_KEY)",
+        help="API key of a gateway that checks keys, sent as `authorization: Bearer <key>` (env KILN_API_KEY)",
+    )
+    group.add_argument(
+        "--token",
+        default=os.environ.get("KILN_TOKEN"),
+        help="bearer token (a JWT) of a gateway that checks tokens, sent as `authorization: Bearer <token>` "
+        "(env KILN_TOKEN); not together with --api-key",
     )
     group.add_argument(
         "--max-message-bytes",
@@ -373,7 +387,11 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         stdout: Where results and ``--json`` lines go; default ``sys.stdout``.
         stderr: Where progress and errors go; default ``sys.stderr``.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.api_key and args.token:
+        # The environment counts too: KILN_API_KEY with --token is as ambiguous as both flags.
+        parser.error("give --api-key (KILN_API_KEY) or --token (KILN_TOKEN), not both")
     if args.ca_file:
         args.tls = True
     out = Output(json=args.json, quiet=args.quiet, stdout=stdout or sys.stdout, stderr=stderr or sys.stderr)

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from kiln_runtime.signing import UrlSigner
 from kiln_runtime.storage.base import (
     ArtifactNotFound,
     InvalidArtifactId,
@@ -30,17 +31,35 @@ class LocalArtifactStore:
 
     Writes go to a temp file that is renamed into place, data first and metadata last, so a
     crash leaves either the old state or a stray file that readers ignore and `cleanup` removes.
+
+    URIs: with `public_base_url`, `<public_base_url>/<artifact id>` (signed by `signer` if given);
+    else `file://` paths only if `local_path_uris` (they name this server's folder, which no
+    client elsewhere should learn), and otherwise none: clients download by artifact id.
     """
 
-    def __init__(self, root: Path, *, public_base_url: str = "") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        public_base_url: str = "",
+        signer: UrlSigner | None = None,
+        local_path_uris: bool = False,
+    ) -> None:
         # Resolved once, so the containment checks compare against the real directory even
         # when the configured path runs through a symlink.
         self._root = Path(root).resolve()
         self._public_base_url = public_base_url.rstrip("/")
+        self._signer = signer
+        self._local_path_uris = local_path_uris
 
     @property
     def root(self) -> Path:
         return self._root
+
+    @property
+    def signer(self) -> UrlSigner | None:
+        """The signer of this store's links, which the artifact service checks them with."""
+        return self._signer
 
     def put(
         self, job_id: str, name: str, data: bytes, *, media_type: str, metadata: Mapping[str, str] | None = None
@@ -118,10 +137,12 @@ class LocalArtifactStore:
 
     def uri_for(self, artifact_id: str) -> str:
         job_id, name = validate_artifact_id(artifact_id)
-        data_path, _ = self._paths(job_id, name)
+        data_path, _ = self._paths(job_id, name)  # refuses reserved names and planted links alike
         if self._public_base_url:
+            if self._signer is not None:
+                return self._signer.link(self._public_base_url, artifact_id)
             return f"{self._public_base_url}/{artifact_id}"
-        return data_path.as_uri()
+        return data_path.as_uri() if self._local_path_uris else ""
 
     def _job_dir(self, job_id: str) -> Path:
         path = self._root / job_id

@@ -27,6 +27,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from kiln_runtime.errors import KilnError
+from kiln_runtime.signing import UrlSigner
 from kiln_runtime.storage.base import (
     ArtifactNotFound,
     InvalidArtifactId,
@@ -69,10 +70,12 @@ class S3ArtifactStore:
         presign_expiry_s: Lifetime of the presigned GET URLs returned as artifact URIs.
         public_endpoint_url: Endpoint the presigned URLs name when clients reach the store at
             another address than this server does; empty: `endpoint_url`.
-        public_base_url: If set, URIs are `<public_base_url>/<artifact id>` (a public bucket or a
-            CDN in front of the prefix) instead of presigned URLs.
+        public_base_url: If set, URIs are `<public_base_url>/<artifact id>` instead of presigned URLs:
+            signed links (`signer`) on the gateway's artifact route, or plain URLs without a signer (a
+            public bucket or a CDN in front of the prefix).
         multipart_threshold_bytes: Artifacts at least this large are uploaded in parts.
         part_bytes: Size of each part.
+        signer: Signs the `public_base_url` links (kiln_runtime.signing).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class S3ArtifactStore:
         public_base_url: str = "",
         multipart_threshold_bytes: int = 16 << 20,
         part_bytes: int = 8 << 20,
+        signer: UrlSigner | None = None,
     ) -> None:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
@@ -96,6 +100,7 @@ class S3ArtifactStore:
         self.endpoint_url = endpoint_url
         self._presign_expiry_s = presign_expiry_s
         self._public_base_url = public_base_url.rstrip("/")
+        self._signer = signer
         config = Config(
             region_name=region,
             signature_version="s3v4",
@@ -122,6 +127,11 @@ class S3ArtifactStore:
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold_bytes, multipart_chunksize=part_bytes, max_concurrency=4
         )
+
+    @property
+    def signer(self) -> UrlSigner | None:
+        """The signer of this store's links, which the artifact service checks them with."""
+        return self._signer
 
     @property
     def client(self) -> S3Client:
@@ -243,6 +253,8 @@ class S3ArtifactStore:
     def uri_for(self, artifact_id: str) -> str:
         validate_artifact_id(artifact_id)
         if self._public_base_url:
+            if self._signer is not None:
+                return self._signer.link(self._public_base_url, artifact_id)
             return f"{self._public_base_url}/{artifact_id}"
         data_key, _ = self._keys(artifact_id)
         url: str = self._presigner.generate_presigned_url(

@@ -2,9 +2,11 @@
 
 1. `RequestContextInterceptor` (outermost): takes `x-request-id` from the caller or makes
    one, puts it and the method in contextvars so every log line carries them, and returns it
-   in the trailing metadata.
-2. `AccessLogMetricsInterceptor`: one log line and the RED metrics per call; it sits outside
-   the error mapping so that it sees the final status code.
+   in the trailing metadata; puts the principal the gateway named (`x-kiln-principal`) in its
+   contextvar for ownership, quotas and fairness.
+2. `AccessLogMetricsInterceptor`: one log line and the RED metrics per call, naming the
+   principal (never a credential: the servers do not see those); it sits outside the error
+   mapping so that it sees the final status code.
 3. `ErrorInterceptor` (innermost): turns `KilnError` into the call's rich status
    (`google.rpc.Status` with `ErrorInfo` and the error's details) and any unexpected
    exception into INTERNAL with only the request id; the traceback goes to the log.
@@ -27,6 +29,8 @@ import grpc
 from grpc_status import rpc_status
 
 from kiln_runtime.errors import RETRIABLE_HEADER, InternalError, KilnError
+from kiln_runtime.principal import PRINCIPAL_HEADER, current_principal, set_principal
+from kiln_runtime.redaction import public_status
 from kiln_runtime.telemetry.logging import request_id_var, rpc_var
 from kiln_runtime.telemetry.metrics import ServiceMetrics
 
@@ -36,6 +40,8 @@ UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[An
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 REQUEST_ID_HEADER = "x-request-id"
+#: Longest principal name accepted; gateways send client names and JWT subjects, far shorter.
+MAX_PRINCIPAL_CHARS = 256
 _KILN_PREFIX = "/kiln."
 
 
@@ -75,31 +81,53 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class RequestContextInterceptor(_WrappingInterceptor):
-    """Request id and method into contextvars and trailing metadata."""
+    """Request id, method and principal into contextvars; the request id into trailing metadata."""
 
-    def _enter(self, method: str, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    async def _enter(
+        self, method: str, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         metadata = dict(details.invocation_metadata or ())
         supplied = metadata.get(REQUEST_ID_HEADER)
         request_id = supplied if isinstance(supplied, str) and 0 < len(supplied) <= 128 else uuid.uuid4().hex
         request_id_var.set(request_id)
         rpc_var.set(method)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-        return request_id
+        principal = metadata.get(PRINCIPAL_HEADER, "")
+        problem = _principal_problem(principal)
+        if problem:
+            # Only the gateway sets the header; a bad value is a misconfigured caller, not a user.
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the {PRINCIPAL_HEADER} header {problem}",
+                trailing_metadata=((REQUEST_ID_HEADER, request_id),),
+            )
+        set_principal(principal if isinstance(principal, str) else "")
 
     def wrap_unary(self, behavior: UnaryBehavior, method: str, details: grpc.HandlerCallDetails) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            self._enter(method, details, context)
+            await self._enter(method, details, context)
             return await behavior(request, context)
 
         return unary
 
     def wrap_stream(self, behavior: StreamBehavior, method: str, details: grpc.HandlerCallDetails) -> StreamBehavior:
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            self._enter(method, details, context)
+            await self._enter(method, details, context)
             async for response in behavior(request, context):
                 yield response
 
         return stream
+
+
+def _principal_problem(principal: object) -> str:
+    """Why a principal header value cannot name a principal; "" if it can (absent = anonymous)."""
+    if not isinstance(principal, str):
+        return "must be text"
+    if len(principal) > MAX_PRINCIPAL_CHARS:
+        return f"is {len(principal)} characters long; at most {MAX_PRINCIPAL_CHARS}"
+    if not principal.isprintable():
+        return "contains control characters"
+    return ""
 
 
 class AccessLogMetricsInterceptor(_WrappingInterceptor):
@@ -116,12 +144,14 @@ class AccessLogMetricsInterceptor(_WrappingInterceptor):
         short = method.rsplit("/", 1)[-1]
         self.metrics.observe_request(short, code.name, seconds)
         self.metrics.in_progress.labels(service=self.metrics.service, method=short).dec()
+        principal = current_principal()
         log.info(
-            "%s %s %.1f ms",
+            "%s %s %.1f ms principal=%s",
             method,
             code.name,
             seconds * 1000,
-            extra={"kiln": {"code": code.name, "duration_ms": round(seconds * 1000, 2)}},
+            principal,
+            extra={"kiln": {"code": code.name, "duration_ms": round(seconds * 1000, 2), "principal": principal}},
         )
 
     def _start(self, method: str) -> float:
@@ -170,7 +200,8 @@ class ErrorInterceptor(_WrappingInterceptor):
         if not isinstance(err, KilnError):
             log.error("unhandled error in %s", rpc_var.get(), exc_info=err)
             err = InternalError(request_id or "unknown")
-        status = rpc_status.to_status(err.to_status(self.domain))
+        # Messages built from exceptions may name server folders; clients get the names only.
+        status = rpc_status.to_status(public_status(err.to_status(self.domain)))
         # abort replaces the trailing metadata, so the request id set earlier goes in again.
         extra: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id),) if request_id else ()
         if err.retriable:

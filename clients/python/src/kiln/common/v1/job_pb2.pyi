@@ -60,6 +60,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_RANGE_NOT_SATISFIABLE: _ClassVar[ErrorReason]
     ERROR_REASON_REPLICA_LOST: _ClassVar[ErrorReason]
     ERROR_REASON_QUOTA: _ClassVar[ErrorReason]
+    ERROR_REASON_LINK_NOT_VALID: _ClassVar[ErrorReason]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -115,6 +116,7 @@ ERROR_REASON_NOT_FOUND: ErrorReason
 ERROR_REASON_RANGE_NOT_SATISFIABLE: ErrorReason
 ERROR_REASON_REPLICA_LOST: ErrorReason
 ERROR_REASON_QUOTA: ErrorReason
+ERROR_REASON_LINK_NOT_VALID: ErrorReason
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
