@@ -42,6 +42,22 @@ async def start_kiln(*args: str, cwd: Path) -> asyncio.subprocess.Process:
     )
 
 
+async def until_accepted(process: asyncio.subprocess.Process) -> str:
+    """Read the command's stderr up to its `accepted job <id>` line; the lines read.
+
+    Ctrl-C before the client has seen `accepted` cannot name the job in a CancelJob: the job then
+    follows its disconnect policy (by default a grace period for a watcher), as documented.
+    """
+    assert process.stderr is not None
+    lines = []
+    async with asyncio.timeout(60):
+        while line := (await process.stderr.readline()).decode():
+            lines.append(line)
+            if line.startswith("accepted job "):
+                return "".join(lines)
+    raise AssertionError(f"the command ended before its job was accepted: {''.join(lines)!r}")
+
+
 async def kiln(*args: str, cwd: Path) -> Run:
     process = await start_kiln(*args, cwd=cwd)
     async with asyncio.timeout(60):
@@ -205,6 +221,7 @@ async def test_through_the_gateway(start_server: StartServer, tmp_path: Path, ph
 async def test_ctrl_c_cancels_the_job_and_exits_130(start_server: StartServer, tmp_path: Path, photo: Path) -> None:
     server, _ = await start_server("img2img", fake={"steps": 200, "step_delay_s": 0.05})
     process = await start_kiln("img2img", str(photo), "-p", "x", "--target", f"127.0.0.1:{server.port}", cwd=tmp_path)
+    await until_accepted(process)
     while server.runtime.admission.running == 0:
         await asyncio.sleep(0.02)
     process.send_signal(signal.SIGINT)

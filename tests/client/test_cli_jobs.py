@@ -11,7 +11,7 @@ from pathlib import Path
 from kiln.common.v1 import job_pb2
 from kiln_client import AsyncImg2ImgClient
 from kiln_runtime.server import KilnServer
-from tests.client.test_cli import kiln, photo, start_kiln
+from tests.client.test_cli import kiln, photo, start_kiln, until_accepted
 from tests.gateway.conftest import envoy_running
 from tests.jobs_support import eventually
 from tests.servers import StartServer
@@ -136,6 +136,7 @@ async def test_ctrl_c_cancels_the_job_with_cancel_job_not_the_grace_period(
     server, _ = await start_server("img2img", fake={"steps": 400, "step_delay_s": 0.05})
     target = f"127.0.0.1:{server.port}"
     process = await start_kiln("img2img", str(photo), "-p", "x", "--target", target, cwd=tmp_path)
+    await until_accepted(process)
     await eventually(lambda: server.runtime.admission.running == 1, PATIENCE_S)
     process.send_signal(signal.SIGINT)
     async with asyncio.timeout(PATIENCE_S):

@@ -19,7 +19,7 @@ from kiln_runtime.redaction import public_status, without_paths
             "no file named model_index.json in directory sd-x",
         ),
         (
-            "KILN_IMG2IMG__MODEL__ID='/home/ann/m.safetensors' is neither",
+            "KILN_IMG2IMG__MODEL__ID='/opt/ann/m.safetensors' is neither",
             "KILN_IMG2IMG__MODEL__ID='m.safetensors' is neither",
         ),
         ("stored at file:///data/outputs/01J/image.png.", "stored at image.png."),
