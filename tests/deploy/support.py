@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -28,7 +29,10 @@ S3_OVERLAYS = ("cpu-s3", "gpu-s3")
 #: The overlays with TLS everywhere (components/tls): probes and the gateway's config differ.
 TLS_OVERLAYS = ("gpu-tls",)
 MODEL_SERVERS = ("img2img", "mesh")
-DOCKERFILES = {name: DOCKER / f"{name}.Dockerfile" for name in (*MODEL_SERVERS, "gateway")}
+#: One Dockerfile for both model servers (build args SERVICE and VARIANT), one for the gateway.
+DOCKERFILES = {name: DOCKER / f"{name}.Dockerfile" for name in ("server", "gateway")}
+SERVER_DOCKERFILE = DOCKERFILES["server"]
+VARIANTS = ("gpu", "cpu")
 #: Oldest Kubernetes the manifests are written for: native gRPC probes (1.27), the preStop
 #: `sleep` action (beta, on by default, 1.30), PDB unhealthyPodEvictionPolicy (1.31).
 K8S_MIN_VERSION = "1.32"
@@ -97,6 +101,87 @@ def env_of(instructions: list[Instruction]) -> dict[str, str]:
                 key, _, value = word.partition("=")
                 env[key] = value
     return env
+
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+#: Instructions whose arguments Docker expands with ARG and ENV values while building.
+_EXPANDED = frozenset({"ADD", "COPY", "ENV", "EXPOSE", "FROM", "LABEL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR"})
+
+
+def _expand(text: str, known: dict[str, str]) -> str:
+    """`$NAME` and `${NAME}` replaced where known; others (the base image's PATH) stay as written."""
+    return _VARIABLE.sub(lambda m: known.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+@dataclass(frozen=True)
+class Image:
+    """What `docker build --build-arg ... [--target ...]` would make of a multi-stage Dockerfile,
+    as far as reading it tells: the stages it runs through and their instructions, expanded."""
+
+    #: The external image the chain starts from, e.g. nvidia/cuda:...
+    base: str
+    #: The stages from the first one on `base` to the target ("" for an unnamed final stage).
+    chain: tuple[str, ...]
+    #: Every instruction of those stages in build order (FROM lines included), ARG and ENV
+    #: values expanded in the instructions Docker expands.
+    instructions: tuple[Instruction, ...]
+    #: The environment the image ends with (its base image's own variables aside).
+    env: dict[str, str]
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+    def last(self, keyword: str) -> Instruction:
+        """The instruction that counts for CMD, HEALTHCHECK, USER...: the last one of the chain."""
+        found = self.all(keyword)
+        assert found, f"no {keyword} in stages {self.chain}"
+        return found[-1]
+
+
+def render_image(path: Path, build_args: dict[str, str], target: str = "") -> Image:
+    """Follow `FROM` from `target` (default: the last stage) back to an external image and replay
+    the chain as Docker does: global ARGs only in FROM lines, a stage sees an ARG only after
+    declaring it, ENV carries into the stages built on it, and later instructions win."""
+    instructions = read_dockerfile(path)
+    global_args: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.keyword == "FROM":
+            break
+        if instruction.keyword == "ARG":
+            key, _, value = instruction.args.partition("=")
+            global_args[key] = build_args.get(key, value)
+    by_stage = stages(instructions)
+    names = list(by_stage)
+    chain = [target if target else names[-1]]
+    while True:
+        parent = _expand(by_stage[chain[0]][0].words()[0], global_args)
+        assert "$" not in parent, f"{path.name}: FROM {parent} names an undeclared build argument"
+        if parent not in by_stage or names.index(parent) >= names.index(chain[0]):
+            break  # an image, not an earlier stage
+        chain.insert(0, parent)
+    env: dict[str, str] = {}
+    replayed: list[Instruction] = []
+    for stage in chain:
+        args: dict[str, str] = {}
+        for instruction in by_stage[stage]:
+            # In a stage, ENV wins over an ARG of the same name; FROM sees only the global ARGs.
+            known = global_args if instruction.keyword == "FROM" else {**args, **env}
+            text = _expand(instruction.args, known) if instruction.keyword in _EXPANDED else instruction.args
+            expanded = Instruction(instruction.keyword, text, instruction.line)
+            replayed.append(expanded)
+            if instruction.keyword == "ARG":
+                key, has_default, value = instruction.args.partition("=")
+                args[key] = build_args.get(key, value if has_default else global_args.get(key, ""))
+            elif instruction.keyword == "ENV":
+                for word in expanded.words():
+                    key, _, value = word.partition("=")
+                    env[key] = value
+    return Image(base=parent, chain=tuple(chain), instructions=tuple(replayed), env=env)
+
+
+def server_image(service: str, variant: str = "gpu") -> Image:
+    """The model server image `SERVICE=service VARIANT=variant` builds."""
+    return render_image(SERVER_DOCKERFILE, {"SERVICE": service, "VARIANT": variant})
 
 
 def kubectl() -> str:

@@ -16,7 +16,7 @@ import yaml  # type: ignore[import-untyped]
 from gateway.kiln_gateway.auth import parse_api_keys
 from gateway.kiln_gateway.container import CONFIG_PATH, UPSTREAMS, container_settings
 from kiln_runtime.settings import ServerSettings
-from tests.deploy.support import DEPLOY, DOCKERFILES, MODEL_SERVERS, ROOT, env_of, is_setting, read_dockerfile, stages
+from tests.deploy.support import DEPLOY, DOCKERFILES, MODEL_SERVERS, ROOT, is_setting, server_image
 
 COMPOSE = DEPLOY / "compose.yaml"
 
@@ -27,7 +27,7 @@ def compose() -> dict[str, Any]:
 
 
 def image_env(name: str) -> dict[str, str]:
-    return env_of(stages(read_dockerfile(DOCKERFILES[name]))[""])
+    return server_image(name, "gpu").env
 
 
 def seconds(duration: str) -> float:
@@ -39,15 +39,19 @@ def seconds(duration: str) -> float:
 def test_services_and_their_builds() -> None:
     services = compose()["services"]
     assert {"img2img", "mesh", "gateway", "prometheus"} <= set(services)
-    for name in (*MODEL_SERVERS, "gateway"):
+    for name in (*MODEL_SERVERS, "fetch-models", "gateway"):
         build = services[name]["build"]
         context = (DEPLOY / build["context"]).resolve()
         assert context.is_dir(), name
         dockerfile = (context / build["dockerfile"]).resolve()
-        assert dockerfile == DOCKERFILES[name].resolve(), name
+        assert dockerfile == DOCKERFILES["gateway" if name == "gateway" else "server"].resolve(), name
     for name in MODEL_SERVERS:
-        assert services[name]["build"]["args"]["VARIANT"] == "gpu"
+        # One Dockerfile, so the build args alone say which server an image runs.
+        assert services[name]["build"]["args"] == {"SERVICE": name, "VARIANT": "gpu"}
         assert services[name]["image"] == f"kiln/{name}:gpu"
+    # The fetch job reuses an image the stack builds anyway, with the same build args.
+    fetch = services["fetch-models"]
+    assert (fetch["image"], fetch["build"]) == (services["img2img"]["image"], services["img2img"]["build"])
 
 
 @pytest.mark.parametrize("name", MODEL_SERVERS)
@@ -63,7 +67,7 @@ def test_model_cache_volume_and_drain(name: str) -> None:
     data = compose()
     service = data["services"][name]
     mounts = {volume.rsplit(":", 1)[1]: volume.rsplit(":", 1)[0] for volume in service["volumes"]}
-    (image_volumes,) = [i.words() for i in stages(read_dockerfile(DOCKERFILES[name]))[""] if i.keyword == "VOLUME"]
+    (image_volumes,) = [i.words() for i in server_image(name).all("VOLUME")]
     assert set(image_volumes) <= set(mounts)
     assert mounts["/models"] == "${KILN_MODELS:-models}"
     assert {"models", "artifacts"} <= set(data["volumes"])

@@ -27,11 +27,13 @@ from tests.deploy.support import (
     DOCKERFILES,
     MODEL_SERVERS,
     ROOT,
+    SERVER_DOCKERFILE,
+    VARIANTS,
     Instruction,
-    env_of,
     is_setting,
     read_dockerfile,
-    stages,
+    render_image,
+    server_image,
 )
 
 SERVICE_NAMES = {"img2img": IMG2IMG_SERVICE, "mesh": MESH_SERVICE}
@@ -104,33 +106,53 @@ def global_args(instructions: list[Instruction]) -> dict[str, str]:
     return args
 
 
-@pytest.mark.parametrize("name", MODEL_SERVERS)
-def test_service_image_variants(name: str) -> None:
-    instructions = read_dockerfile(DOCKERFILES[name])
-    args = global_args(instructions)
-    by_stage = stages(instructions)
-    assert by_stage["base-gpu"][0].words() == ["${CUDA_IMAGE}", "AS", "base-gpu"]
-    assert by_stage["base-cpu"][0].words() == ["${PYTHON_IMAGE}", "AS", "base-cpu"]
+#: The variant's facts, set in its base stage for the stages built on it; no server reads them.
+VARIANT_FACTS = {"KILN_TORCH_INDEX", "KILN_TORCH_DEVICE"}
+BUILDS = [(service, variant) for service in MODEL_SERVERS for variant in VARIANTS]
+
+
+def test_server_image_defaults_and_build_args() -> None:
+    args = global_args(read_dockerfile(SERVER_DOCKERFILE))
+    assert args["SERVICE"] in MODEL_SERVERS and args["VARIANT"] in VARIANTS
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-runtime-ubuntu[\d.]+", args["CUDA_IMAGE"]), args["CUDA_IMAGE"]
     assert re.fullmatch(r"python:3\.\d+-slim-\w+", args["PYTHON_IMAGE"]), args["PYTHON_IMAGE"]
-    # Both the build and the final image sit on the chosen variant's base.
-    assert [stage[0].words()[0] for key, stage in by_stage.items() if key in ("build", "")] == ["base-${VARIANT}"] * 2
-    assert env_of(by_stage["base-cpu"])["KILN_TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
-    assert env_of(by_stage["base-gpu"])[f"KILN_{name.upper()}__RUNTIME__DEVICE"] == "cuda"
-    assert env_of(by_stage["base-cpu"])[f"KILN_{name.upper()}__RUNTIME__DEVICE"] == "cpu"
+    # No build args: the default server on the default variant.
+    default = render_image(SERVER_DOCKERFILE, {})
+    assert default == server_image(args["SERVICE"], args["VARIANT"])
 
 
-@pytest.mark.parametrize("name", MODEL_SERVERS)
-def test_service_image_installs_from_the_lock_with_torch_first(name: str) -> None:
+@pytest.mark.parametrize(("service", "variant"), BUILDS)
+def test_server_image_sits_on_the_variant_base(service: str, variant: str) -> None:
+    image = server_image(service, variant)
+    args = global_args(read_dockerfile(SERVER_DOCKERFILE))
+    assert image.base == args["CUDA_IMAGE" if variant == "gpu" else "PYTHON_IMAGE"]
+    assert image.chain == (f"base-{variant}", "server", f"server-{service}", "")
+    # The build stage sits on the same base, and it is the same for both servers.
+    build = render_image(SERVER_DOCKERFILE, {"SERVICE": service, "VARIANT": variant}, target="build")
+    assert build.chain == (f"base-{variant}", "build")
+    assert build == render_image(SERVER_DOCKERFILE, {"VARIANT": variant}, target="build")
+    index = {"gpu": "https://pypi.org/simple", "cpu": "https://download.pytorch.org/whl/cpu"}[variant]
+    assert build.env["KILN_TORCH_INDEX"] == index
+    # A named device: a GPU image never falls back to the CPU silently.
+    assert image.env[f"KILN_{service.upper()}__RUNTIME__DEVICE"] == {"gpu": "cuda", "cpu": "cpu"}[variant]
+
+
+def test_an_unknown_service_builds_no_server() -> None:
+    # Docker would look for an image called server-paint and fail; nothing of Kiln's is built.
+    image = render_image(SERVER_DOCKERFILE, {"SERVICE": "paint"})
+    assert image.chain == ("",) and image.base == "server-paint"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_server_image_installs_from_the_lock_with_torch_first(variant: str) -> None:
     """As `make setup` does: requirements/torch.txt from the variant's index, then the runtime export
     hash-checked without resolution, then Kiln's packages without dependencies, then `pip check`."""
-    build = stages(read_dockerfile(DOCKERFILES[name]))["build"]
-    copies = [i.words() for i in build if i.keyword == "COPY"]
+    build = render_image(SERVER_DOCKERFILE, {"VARIANT": variant}, target="build")
+    copies = [i.words() for i in build.all("COPY")]
     assert ["requirements/torch.txt", "requirements/runtime.txt", "/src/requirements/"] in copies
     commands = [
         command.strip()
-        for i in build
-        if i.keyword == "RUN"
+        for i in build.all("RUN")
         for command in re.sub(r"#[^\n]*", "", i.args).split("&&")
         if command.strip().startswith("pip ")
     ]
@@ -141,7 +163,7 @@ def test_service_image_installs_from_the_lock_with_torch_first(name: str) -> Non
         "pip check",
     ]
     # No version is written in the Dockerfile: the lock (through its exports) is the only source.
-    assert "torch==" not in DOCKERFILES[name].read_text()
+    assert "torch==" not in SERVER_DOCKERFILE.read_text()
 
 
 def test_gateway_image_runs_the_envoy_the_tests_run() -> None:
@@ -151,63 +173,68 @@ def test_gateway_image_runs_the_envoy_the_tests_run() -> None:
     assert args["ENVOY_IMAGE"] == f"envoyproxy/envoy:v{locked}"
 
 
-@pytest.mark.parametrize("name", MODEL_SERVERS)
-def test_service_image_runs_the_server_as_a_non_root_user(name: str) -> None:
-    final = stages(read_dockerfile(DOCKERFILES[name]))[""]
-    env = env_of(final)
-    (user,) = [i.args for i in final if i.keyword == "USER"]
-    uid = user.split(":")[0]
+@pytest.mark.parametrize(("service", "variant"), BUILDS)
+def test_server_image_runs_the_server_as_a_non_root_user(service: str, variant: str) -> None:
+    image = server_image(service, variant)
+    env = image.env
+    uid = image.last("USER").args.split(":")[0]
     assert uid.isdigit() and int(uid) != 0  # numeric, so Kubernetes' runAsNonRoot can check it
-    (volume,) = [i.words() for i in final if i.keyword == "VOLUME"]
-    assert "/models" in volume
+    (volume,) = [i.words() for i in image.all("VOLUME")]
+    assert "/models" in volume and "/data" in volume
     assert env["HF_HOME"].startswith("/models/") and env["U2NET_HOME"].startswith("/models/")
-    port = env[f"KILN_{name.upper()}__SERVER__PORT"]
-    metrics_port = env[f"KILN_{name.upper()}__SERVER__METRICS_PORT"]
-    (expose,) = [i.words() for i in final if i.keyword == "EXPOSE"]
-    assert expose == [port, metrics_port]
-    assert env[f"KILN_{name.upper()}__SERVER__HOST"] == "0.0.0.0"
-    assert [key for key in env if key.startswith("KILN_") and not is_setting(key)] == []
-    # CMD is the server's console script.
-    (cmd,) = [i.words() for i in final if i.keyword == "CMD"]
+    section = f"KILN_{service.upper()}__"
+    port = env[f"{section}SERVER__PORT"]
+    metrics_port = env[f"{section}SERVER__METRICS_PORT"]
+    (expose,) = [i.words() for i in image.all("EXPOSE")]
+    assert expose == [port, metrics_port] and all(p.isdigit() for p in expose)
+    assert env[f"{section}SERVER__HOST"] == "0.0.0.0"
+    assert [key for key in env if key.startswith("KILN_") and not is_setting(key) and key not in VARIANT_FACTS] == []
+    # Settings of this server only: the other server's section stays out of its image.
+    sections = {key.removeprefix("KILN_").split("__")[0] for key in env if key.startswith("KILN_") and "__" in key}
+    assert sections == {service.upper(), "STORAGE"}
+    assert [key for key, value in env.items() if "$" in value] == ["PATH"]  # the base image's, extended
+    # CMD is the server's console script (pyproject's [project.scripts] entry for it).
+    cmd = image.last("CMD").words()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert cmd == [f"kiln-{name}"] and scripts[cmd[0]] == f"kiln_{name}.__main__:main"
+    assert cmd == [f"kiln-{service}"] and service in scripts[cmd[0]]
 
 
-@pytest.mark.parametrize("name", MODEL_SERVERS)
-def test_service_image_health_check_asks_the_real_service(name: str) -> None:
-    final = stages(read_dockerfile(DOCKERFILES[name]))[""]
-    (check,) = [i for i in final if i.keyword == "HEALTHCHECK"]
+@pytest.mark.parametrize(("service", "variant"), BUILDS)
+def test_server_image_health_check_asks_the_real_service(service: str, variant: str) -> None:
+    image = server_image(service, variant)
+    (check,) = image.all("HEALTHCHECK")
     options, _, command = check.args.partition(" CMD ")
     words = Instruction("CMD", command, check.line).words()
     assert words[:2] == ["sh", "-c"]
     inner = words[2].split()
     assert inner[:4] == ["exec", "python", "-m", "kiln_runtime.healthcheck"]
-    assert inner[inner.index("--service") + 1] == SERVICE_NAMES[name]
+    assert inner[inner.index("--service") + 1] == SERVICE_NAMES[service]
     # The port follows the server's setting, so overriding it in the environment keeps the check right.
-    assert inner[inner.index("--port") + 1] == f'"$KILN_{name.upper()}__SERVER__PORT"'
+    port_setting = f"KILN_{service.upper()}__SERVER__PORT"
+    assert inner[inner.index("--port") + 1] == f'"${port_setting}"' and port_setting in image.env
     start_period = re.search(r"--start-period=(\d+)s", options)
     assert start_period is not None and int(start_period.group(1)) >= 600  # first download
 
 
-def test_the_two_service_dockerfiles_stay_in_step() -> None:
-    img2img = DOCKERFILES["img2img"].read_text()
-    mesh = DOCKERFILES["mesh"].read_text()
-    as_mesh = (
-        img2img.replace(IMG2IMG_SERVICE, MESH_SERVICE)
-        .replace("IMG2IMG", "MESH")
-        .replace("img2img", "mesh")
-        .replace("50051", "50052")
-        .replace("9091", "9092")
-    )
-    # Only the header's pointer to the sibling file may differ.
-    differing = [(a, b) for a, b in zip(as_mesh.splitlines(), mesh.splitlines(), strict=True) if a != b]
-    assert differing == [
-        (
-            "# mesh.Dockerfile is this file with the mesh names; keep the two in step (tests/deploy compares them).",
-            "# img2img.Dockerfile is this file with the img2img names; keep the two in step "
-            "(tests/deploy compares them).",
-        )
-    ]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_two_server_images_differ_only_in_their_own_stage(variant: str) -> None:
+    img2img, mesh = server_image("img2img", variant), server_image("mesh", variant)
+    shared = 0
+    while img2img.instructions[shared] == mesh.instructions[shared]:
+        shared += 1
+    # Everything up to the `server` stage is common; each server's own stage holds settings, ports,
+    # the health check and the command: nothing that installs or copies, so both images share
+    # every heavy layer.
+    for service, image in (("img2img", img2img), ("mesh", mesh)):
+        own = image.instructions[shared:]
+        assert own[0].words() == ["server", "AS", f"server-{service}"]
+        assert {i.keyword for i in own} == {"FROM", "ENV", "EXPOSE", "HEALTHCHECK", "CMD"}, own
+    # The same image with mesh's names and ports, seen through the environment.
+    as_mesh = {
+        key.replace("KILN_IMG2IMG__", "KILN_MESH__"): {"50051": "50052", "9091": "9092"}.get(value, value)
+        for key, value in img2img.env.items()
+    }
+    assert as_mesh == mesh.env
 
 
 def dockerignore_includes(path: str) -> bool:
@@ -259,7 +286,7 @@ def test_fetch_models_fetches_what_the_servers_load() -> None:
     assert names and [n for n in sorted(names) if not is_setting(n)] == []
     mesh_call = script[script.index('hf download "$mesh"') :].split("\n\n")[0]
     assert re.findall(r"--include (\S+)", mesh_call) == list(WEIGHT_FILES)
-    # Both service images carry it (the Job and the Compose profile run it by this name).
-    for name in MODEL_SERVERS:
-        copies = [i.words() for i in read_dockerfile(DOCKERFILES[name]) if i.keyword == "COPY"]
+    # Both server images carry it (the Job and the Compose profile run it by this name).
+    for service in MODEL_SERVERS:
+        copies = [i.words() for i in server_image(service).all("COPY")]
         assert ["deploy/docker/fetch-models.sh", "/usr/local/bin/kiln-fetch-models"] in copies

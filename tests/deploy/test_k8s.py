@@ -34,11 +34,13 @@ from tests.deploy.support import (
     OVERLAYS,
     S3_OVERLAYS,
     TLS_OVERLAYS,
+    VARIANTS,
     container,
     env_value,
     find,
     is_setting,
     render_overlay,
+    server_image,
 )
 
 #: The health service names, from the generated descriptors (what the servers register).
@@ -183,12 +185,24 @@ def test_gpu_pools_request_a_gpu_on_gpu_nodes() -> None:
         assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
         assert pod["nodeSelector"], name
         assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
-        assert env_value(container(deployment, name), f"KILN_{name.upper()}__RUNTIME__DEVICE") == "cuda"
+        assert pod_device(deployment, name) == "cuda"
         assert container(deployment, name)["image"] == f"kiln/{name}:gpu"
     for name in MODEL_SERVERS:
         deployment = find(render_overlay("cpu"), "Deployment", name)
         assert "nvidia.com/gpu" not in str(deployment), name
-        assert env_value(container(deployment, name), f"KILN_{name.upper()}__RUNTIME__DEVICE") == "cpu"
+        assert pod_device(deployment, name) == "cpu"
+
+
+def pod_device(deployment: dict[str, Any], name: str) -> str:
+    """The device a server's pod asks for: the manifest's setting, else its image's (by the tag)."""
+    spec = container(deployment, name)
+    setting = f"KILN_{name.upper()}__RUNTIME__DEVICE"
+    value = env_value(spec, setting)
+    if value is not None:
+        return value
+    repository, _, variant = spec["image"].partition(":")
+    assert repository == f"kiln/{name}" and variant in VARIANTS, spec["image"]
+    return server_image(name, variant).env[setting]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS + TLS_OVERLAYS)

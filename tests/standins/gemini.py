@@ -92,7 +92,9 @@ class GeminiStandIn:
         self.model_text = "Here is the edited image."
         self.slow_s = 5.0
         self.requests: list[RecordedRequest] = []
+        self.connections = 0  # TCP connections accepted: fewer than requests means keep-alive reuse
         self.disconnected = threading.Event()  # a slow answer's client hung up before it was sent
+        self.hang_ups = 0  # how many times that happened
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -153,6 +155,8 @@ class GeminiStandIn:
         if scenario == "text_only":
             return 200, self._candidate([{"text": self.model_text}])
         if scenario == "slow" and not handler.wait_unless_hung_up(self.slow_s):
+            with self._lock:
+                self.hang_ups += 1
             self.disconnected.set()
             return 0, {}
         text = {"text": self.model_text}
@@ -172,12 +176,19 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     standin: GeminiStandIn
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.standin.connections += 1  # the serving thread accepts one at a time: no lock needed
+        super().process_request(request, client_address)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients that hang up mid-answer are part of the tests, not failures
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Google's front end
+    # Headers and body go out in separate writes: with Nagle on, a reused connection waits for
+    # the client's delayed ACK (about 40 ms) before the body, which real front ends do not do.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

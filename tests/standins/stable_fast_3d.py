@@ -88,6 +88,7 @@ class StableFast3DStandIn:
         self.retry_after: str | None = None
         self.slow_s = 5.0
         self.requests: list[RecordedRequest] = []
+        self.connections = 0  # TCP connections accepted: fewer than requests means keep-alive reuse
         self.disconnected = threading.Event()  # a slow answer's client hung up before it was sent
         self._lock = threading.Lock()
         self._server: _Server | None = None
@@ -165,12 +166,19 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     standin: StableFast3DStandIn
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.standin.connections += 1  # the serving thread accepts one at a time: no lock needed
+        super().process_request(request, client_address)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients that hang up mid-answer are part of the tests, not failures
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Stability's front end
+    # Headers and body go out in separate writes: with Nagle on, a reused connection waits for
+    # the client's delayed ACK (about 40 ms) before the body, which real front ends do not do.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -329,6 +329,20 @@ def test_glb_textured_accepts_rgb_and_rejects_empty(baked: TexturedMesh) -> None
         export_glb_textured(empty)
 
 
+def test_glb_textured_embeds_png_even_for_a_texture_read_from_jpeg(baked: TexturedMesh) -> None:
+    # trimesh passes an image that came from a JPEG file through as JPEG; the export must not.
+    buffer = io.BytesIO()
+    baked.texture.convert("RGB").save(buffer, format="JPEG")
+    jpeg = Image.open(io.BytesIO(buffer.getvalue()))
+    assert jpeg.format == "JPEG"
+    mesh = TexturedMesh(vertices=baked.vertices, faces=baked.faces, uvs=baked.uvs, texture=jpeg)
+    doc, bin_chunk = parse_glb(export_glb_textured(mesh))
+    assert doc["images"] == [{"bufferView": doc["images"][0]["bufferView"], "mimeType": "image/png"}]
+    view = doc["bufferViews"][doc["images"][0]["bufferView"]]
+    png = bin_chunk[view["byteOffset"] : view["byteOffset"] + view["byteLength"]]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(jpeg))
+
+
 # --- timing (printed, not asserted) -------------------------------------------------------------
 
 

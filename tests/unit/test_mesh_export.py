@@ -365,3 +365,45 @@ def test_obj_positions_round_trip_float32_exactly() -> None:
         [line.split()[1:4] for line in data.decode("ascii").splitlines() if line.startswith("v ")], dtype=np.float64
     )
     np.testing.assert_array_equal(parsed.astype(np.float32), vertices)
+
+
+# --- same content as trimesh's writers (the baseline of benchmarks/mesh_export.py) ----------------
+
+
+@pytest.mark.parametrize("fmt", list(MeshFormat))
+def test_export_carries_what_trimesh_writes(fmt: MeshFormat) -> None:
+    # Kiln keeps its own writers only because they are faster; they must not carry less than
+    # trimesh's for the same mesh (positions, faces and winding, vertex colours).
+    mesh = to_y_up(colourful_sphere())
+    theirs_raw = trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_colors=mesh.vertex_colors, process=False).export(
+        file_type=fmt.value
+    )
+    theirs = load_back(theirs_raw.encode("ascii") if isinstance(theirs_raw, str) else theirs_raw, fmt.value)
+    ours = load_back(export_mesh(mesh, fmt), fmt.value)
+    np.testing.assert_allclose(ours.vertices, theirs.vertices, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(ours.faces, theirs.faces)
+    assert ours.visual.kind == theirs.visual.kind == "vertex"
+    ours_rgb = np.asarray(ours.visual.vertex_colors)[:, :3].astype(np.int64)
+    theirs_rgb = np.asarray(theirs.visual.vertex_colors)[:, :3].astype(np.int64)
+    assert np.abs(ours_rgb - theirs_rgb).max() <= (1 if fmt is MeshFormat.OBJ else 0)
+
+
+def test_obj_colours_follow_the_position_as_trimesh_writes_them() -> None:
+    mesh = Mesh(**_tri(vertices=np.eye(3, dtype=np.float32), vertex_colors=np.full((3, 3), 255, np.uint8)))
+    theirs = trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_colors=mesh.vertex_colors, process=False)
+    their_v = [line.split() for line in str(theirs.export(file_type="obj")).splitlines() if line.startswith("v ")]
+    our_v = [line.split() for line in export_obj(mesh).decode("ascii").splitlines() if line.startswith("v ")]
+    # Both: "v x y z r g b" with colours as floats in [0, 1].
+    assert [len(v) for v in our_v] == [len(v) for v in their_v] == [7, 7, 7]
+    assert [float(c) for v in our_v for c in v[4:]] == [float(c) for v in their_v for c in v[4:]] == [1.0] * 9
+
+
+def test_glb_colour_accessor_is_what_trimesh_writes() -> None:
+    mesh = colourful_sphere()
+    theirs = trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_colors=mesh.vertex_colors, process=False)
+    their_doc, _ = parse_glb(bytes(theirs.export(file_type="glb")))
+    our_doc, _ = parse_glb(export_glb(mesh))
+    for doc in (their_doc, our_doc):
+        (primitive,) = doc["meshes"][0]["primitives"]
+        color = doc["accessors"][primitive["attributes"]["COLOR_0"]]
+        assert (color["componentType"], color["type"]) == (5121, "VEC4")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kiln_img2img.config import DiffusersSettings, Img2ImgSettings
-from kiln_runtime import server as server_module
+from kiln_runtime import bootstrap
 from kiln_runtime.device import (
     MPS_FALLBACK_ENV,
     DeviceAvailability,
@@ -41,7 +41,7 @@ def on_a_mac(monkeypatch: pytest.MonkeyPatch) -> None:
     import kiln_mesh.providers.triposr_local  # noqa: F401
 
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(server_module, "probe_devices", lambda: MAC_WITH_MPS)
+    monkeypatch.setattr(bootstrap, "probe_devices", lambda: MAC_WITH_MPS)
 
 
 # -- PYTORCH_ENABLE_MPS_FALLBACK ---------------------------------------------------------
@@ -94,7 +94,7 @@ def test_server_modules_do_not_import_torch() -> None:
 
 @pytest.mark.usefixtures("on_a_mac")
 def test_startup_on_a_mac_picks_mps_float32_and_sets_the_fallback() -> None:
-    choice = server_module.choose_service_device("img2img", ServiceSettings())
+    choice = bootstrap.choose_service_device("img2img", ServiceSettings())
     assert choice == DeviceChoice("mps", "float32")
     assert os.environ[MPS_FALLBACK_ENV] == "1"
 
@@ -102,7 +102,7 @@ def test_startup_on_a_mac_picks_mps_float32_and_sets_the_fallback() -> None:
 @pytest.mark.usefixtures("on_a_mac")
 def test_startup_on_a_mac_with_the_fallback_off() -> None:
     settings = ServiceSettings(runtime=RuntimeSettings(device="mps", mps_fallback=False))
-    assert server_module.choose_service_device("mesh", settings) == DeviceChoice("mps", "float32")
+    assert bootstrap.choose_service_device("mesh", settings) == DeviceChoice("mps", "float32")
     assert os.environ[MPS_FALLBACK_ENV] == "0"
 
 
@@ -111,9 +111,9 @@ def test_cpu_policy_on_a_mac_neither_probes_nor_sets_the_variable(monkeypatch: p
     def fail() -> DeviceAvailability:
         raise AssertionError("a cpu policy must not probe (probing imports torch)")
 
-    monkeypatch.setattr(server_module, "probe_devices", fail)
+    monkeypatch.setattr(bootstrap, "probe_devices", fail)
     settings = ServiceSettings(runtime=RuntimeSettings(device="cpu"))
-    assert server_module.choose_service_device("img2img", settings) == DeviceChoice("cpu", "float32")
+    assert bootstrap.choose_service_device("img2img", settings) == DeviceChoice("cpu", "float32")
     assert MPS_FALLBACK_ENV not in os.environ
 
 

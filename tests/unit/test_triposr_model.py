@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml  # type: ignore[import-untyped]
+from omegaconf import OmegaConf
 from PIL import Image
 
 from kiln_mesh.testing.tiny_triposr import (
@@ -301,18 +303,26 @@ def test_interpolation_nested_relative_lists_and_escapes() -> None:
 @pytest.mark.parametrize(
     ("tree", "message"),
     [
-        ({"a": "${missing.key}"}, "unknown key 'missing.key'"),
-        ({"a": {"b": 1}, "c": "${a.x}"}, "unknown key 'a.x'"),
-        ({"a": "${b}", "b": "${a}"}, "circular"),
-        ({"a": "${oc.env:HOME}"}, "no resolvers"),
-        ({"a": "${b"}, "unterminated"),
-        ({"a": {"b": 1}, "c": "x${a}"}, "not a scalar"),
-        ({"a": "${...x}"}, "above the root"),
+        ({"a": "${missing.key}"}, "^a: Interpolation key 'missing.key' not found"),
+        ({"a": {"b": 1}, "c": "${a.x}"}, "^c: Interpolation key 'a.x' not found"),
+        ({"w": "y", "a": {"b": 1}, "c": {"d": "${a.${w}}"}}, "^c.d: Interpolation key 'a.y' not found"),
+        ({"a": "${b}", "b": "${a}"}, "^a: Recursive interpolation"),
+        ({"a": "${oc.env:HOME}"}, "^a: .* calls a resolver.*no resolvers"),
+        ({"a": {"b": ["x ${oc.env:HOME}"]}}, "^a.b.0: .* calls a resolver"),
+        ({"a": "${b"}, "^a: malformed interpolation"),
+        ({"a": "${...x}"}, "^a: .*'...x'"),
     ],
 )
 def test_interpolation_errors(tree: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         resolve_interpolations(tree)
+
+
+def test_escaped_resolver_is_literal_text() -> None:
+    assert resolve_interpolations({"a": "\\${oc.env:HOME}"}) == {"a": "${oc.env:HOME}"}
+    # As OmegaConf.load returns it: the escape survives the copy instead of being resolved twice.
+    loaded = OmegaConf.create({"a": "\\${b}", "b": 1, "c": {"d": "\\${b}"}})
+    assert resolve_interpolations(loaded) == {"a": "${b}", "b": 1, "c": {"d": "${b}"}}
 
 
 def test_published_config(published_folder: Path) -> None:
@@ -366,16 +376,42 @@ def _published_with(old: str, new: str) -> object:
         ("  num_layers: 16\n", "  num_layers: 16\n  colour: red\n", "unknown key.*backbone: colour"),
         ("in_channels: 120", "in_channels: 121", "decoder.in_channels 121"),
         ("cross_attention_dim: 768", "cross_attention_dim: 512", "cross_attention_dim 512"),
-        ("${tokenizer.num_channels}", "${tokenizer.channels}", "unknown key 'tokenizer.channels'"),
+        (
+            "${tokenizer.num_channels}",
+            "${tokenizer.channels}",
+            "backbone.in_channels: Interpolation key 'tokenizer.channels' not found",
+        ),
         ("plane_size: 32", "plane_size: thirty", "tokenizer.plane_size: expected an integer"),
         ("radius: 0.87", "radius: -0.87", "renderer.radius: expected a positive number"),
         ('"facebook/dino-vitb16"', '"facebook/dino-vits8"', "no built-in preset"),
         ("Transformer1D\n", "Transformer2D\n", "backbone_cls"),
+        ("  num_layers: 16\n", "  num_layers: true\n", "backbone.num_layers: expected a number, got True"),
+        (
+            "  num_layers: 16\n",
+            "  num_layers: 16\n  norm_type: 3\n  dropout: .nan\n",
+            r"backbone.norm_type = 3 is not supported.*; backbone.dropout: .*finite",
+        ),
+        ("  num_layers: 16\n", "  num_layers: 16\n  vit: 1\n  b: 2\n  a: 3\n", "unknown key.*backbone: a, b, vit"),
+        ("  num_samples_per_ray: 128\n", "", "missing key renderer.num_samples_per_ray"),
     ],
 )
 def test_config_rejects_unsupported_values(old: str, new: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_triposr_config(_published_with(old, new))
+
+
+def test_config_file_errors_name_the_file_and_key(published_folder: Path) -> None:
+    path = published_folder / "config.yaml"
+    path.write_text(PUBLISHED_CONFIG.replace("num_samples_per_ray: 128", "num_samples_per_ray: x"))
+    message = f"^{re.escape(str(path))}: renderer.num_samples_per_ray: expected an integer, got 'x'$"
+    with pytest.raises(ValueError, match=message):
+        load_triposr_config(published_folder)
+    path.write_text(PUBLISHED_CONFIG.replace("${tokenizer.num_channels}", "${oc.env:HOME}"))
+    with pytest.raises(ValueError, match=r"backbone.in_channels: .* calls a resolver"):
+        load_triposr_config(published_folder)
+    path.write_text(PUBLISHED_CONFIG + "renderer: {}\n")
+    with pytest.raises(ValueError, match=r"(?s)not valid YAML.*duplicate key renderer"):
+        load_triposr_config(published_folder)
 
 
 def test_config_accepts_yaml11_exponent_strings() -> None:

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -307,3 +308,52 @@ def test_describe_reports_a_vendor_model() -> None:
 def test_load_without_key_names_the_setting() -> None:
     with pytest.raises(ValueError, match="KILN_IMG2IMG__GEMINI__API_KEY"):
         GeminiImg2ImgProvider(GeminiSettings()).load()
+
+
+def test_jobs_share_one_connection_until_close_and_run_again_after_it(gemini: GeminiStandIn) -> None:
+    provider = make_provider(gemini)
+    try:
+        run(provider)
+        run(provider)
+        assert (len(gemini.requests), gemini.connections) == (2, 1), "the second job reused the first's connection"
+        provider.close()  # what an idle unload does; the model manager may load the same object again
+        run(provider)
+        assert (len(gemini.requests), gemini.connections) == (3, 2)
+    finally:
+        provider.close()
+
+
+def test_parallel_jobs_run_on_the_shared_client_and_a_cancel_stops_only_its_own(gemini: GeminiStandIn) -> None:
+    gemini.scenario, gemini.slow_s = "slow", 10.0
+    provider = make_provider(gemini)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            first = pool.submit(run_cancelled_after, provider, 0.3)
+            second = pool.submit(run_cancelled_after, provider, 0.9)
+            # Each must end by its own cancel: one that ended before it (cut off by the other's)
+            # fails with an IndexError, as no cancel time was recorded yet.
+            for call in (first, second):
+                call.result(timeout=5)
+        assert len(gemini.requests) == 2
+        gemini.scenario = "success"
+        output, _ = run(provider)  # the shared client is still usable after calls were cut off
+        assert output.image.getpixel((0, 0)) == INVERTED
+    finally:
+        provider.close()
+
+
+def test_every_call_cut_off_by_its_timeout_closes_its_connection(gemini: GeminiStandIn) -> None:
+    # httpx's own read timeout and Kiln's overall one fire together here; a connection whose
+    # cleanup the second cut short would stay open in the shared pool, and the vendor would
+    # go on generating for nobody.
+    gemini.scenario, gemini.slow_s = "slow", 10.0
+    provider = make_provider(gemini, timeout_s=0.1)
+    try:
+        for _ in range(20):
+            run_failing(provider, VendorUnavailable)
+        deadline = time.monotonic() + 5
+        while gemini.hang_ups < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gemini.hang_ups == 20
+    finally:
+        provider.close()

@@ -303,3 +303,17 @@ def test_glb_counts_sum_primitives_and_follow_the_draw_mode() -> None:
 def test_glb_counts_refuse_malformed_files(data: bytes) -> None:
     with pytest.raises(ProviderFailed, match="GLB"):
         glb_counts(data)
+
+
+def test_jobs_share_one_connection_until_close_and_run_again_after_it(sf3d: StableFast3DStandIn) -> None:
+    provider = make_provider(sf3d)
+    try:
+        run(provider)
+        run(provider)
+        assert (len(sf3d.requests), sf3d.connections) == (2, 1), "the second job reused the first's connection"
+        provider.close()  # what an idle unload does; the model manager may load the same object again
+        output, _ = run(provider)
+        assert output.encoded == sphere_glb()
+        assert (len(sf3d.requests), sf3d.connections) == (3, 2)
+    finally:
+        provider.close()

@@ -16,7 +16,7 @@ from kiln_img2img.preprocess import prepare_image
 from kiln_img2img.providers.base import BatchingImg2ImgModel, Img2ImgInput, Img2ImgModel, Img2ImgOutput
 from kiln_runtime.jobs import JobOutput, RunnerEvent
 from kiln_runtime.provider import RunContext
-from kiln_runtime.server import Runtime
+from kiln_runtime.runtime import Runtime
 from kiln_runtime.service import ModelService
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,10 @@
-"""`python -m kiln_mesh`: run the mesh server until SIGTERM."""
+"""`python -m kiln_mesh` and `kiln-mesh`: run the mesh server until SIGTERM."""
 
 from __future__ import annotations
 
-from kiln_mesh.config import MeshSettings
-from kiln_mesh.server import create_server
-from kiln_runtime.main import run_main
+from kiln_mesh.server import SPEC
 
-
-def main() -> None:
-    run_main(MeshSettings, create_server, section="mesh")
-
+main = SPEC.main
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
 """The in-memory triangle mesh the mesh service produces, plus a test sphere and frame changes.
 
 Kept to plain numpy arrays so that every provider (TripoSR, the fake, a vendor) hands the
-exporters the same thing, and so that no mesh library is needed at runtime.
+exporters the same thing; the exporters write it without a mesh library except for the
+textured GLB (trimesh, see `export.py`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import time
@@ -328,7 +329,8 @@ class JobRunner:
                     hold.release()
                 post(_DONE)
 
-        future = loop.run_in_executor(self._executor, worker)
+        # In a copy of this task's context, so the run's log lines keep the request and job ids.
+        future = loop.run_in_executor(self._executor, contextvars.copy_context().run, worker)
         try:
             while (item := await events.get()) is not _DONE:
                 assert isinstance(item, ProgressUpdate)
@@ -339,8 +341,8 @@ class JobRunner:
             future.add_done_callback(_log_abandoned_failure)
             raise
         except KilnError as err:
-            if isinstance(err, Cancelled):
-                self.store.delete_job(job_id)
+            if isinstance(err, Cancelled):  # removing a folder is file I/O: not on the loop
+                await asyncio.to_thread(self.store.delete_job, job_id)
             raise
         except Exception as err:
             request_id = request_id_var.get() or job_id

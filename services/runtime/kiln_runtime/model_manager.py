@@ -13,6 +13,10 @@ taken in between the provider is closed and its memory released. A job that find
 model unloaded asks for a load (`load_task`): concurrent jobs share one load, and a load
 asked for during an unload starts after it. Loads and unloads take the same lock, so they
 never overlap, and an unload re-checks the holds under that lock before it starts.
+
+Shutdown: worker threads cannot be interrupted, so a job cancelled at the end of the grace
+period may still be inside the provider. `close()` refuses new leases and waits, on the loop,
+until the last running one has ended before it closes the provider.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 
 from grpc_health.v1 import health, health_pb2
 
-from kiln_runtime.errors import ModelNotReady
+from kiln_runtime.errors import ModelNotReady, ShuttingDown
 from kiln_runtime.memory import release_memory
 from kiln_runtime.provider import Provider, ProviderDescription
 from kiln_runtime.telemetry.metrics import ServiceMetrics
@@ -125,6 +129,9 @@ class ModelManager:
         self._retired: dict[int, Provider[Any, Any]] = {}
         self._lease_lock = threading.Lock()
         self._holds = 0  # guarded by _lease_lock
+        # Set by close() (guarded by _lease_lock): no lease after it, and the last one to end wakes it.
+        self._closing = False
+        self._all_returned: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     @property
     def loaded(self) -> bool:
@@ -177,8 +184,13 @@ class ModelManager:
 
     @contextmanager
     def lease(self) -> Iterator[Provider[Any, Any]]:
-        """The current provider, kept open for the duration of one job (any thread)."""
+        """The current provider, kept open for the duration of one job (any thread).
+
+        Raises `ShuttingDown` once `close()` has begun: the provider is about to go.
+        """
         with self._lease_lock:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down; the job did not start, retry on another replica")
             provider = self.provider
             self._leases[id(provider)] = self._leases.get(id(provider), 0) + 1
         try:
@@ -188,8 +200,13 @@ class ModelManager:
                 remaining = self._leases[id(provider)] - 1
                 self._leases[id(provider)] = remaining
                 retired = self._retired.pop(id(provider), None) if remaining == 0 else None
+                waiter = self._all_returned if not any(self._leases.values()) else None
             if retired is not None:
                 _close_and_release(retired)
+            if waiter is not None:  # close() is waiting for this, the last running job
+                loop, returned = waiter
+                with contextlib.suppress(RuntimeError):  # a loop closed already waits for nothing
+                    loop.call_soon_threadsafe(returned.set)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -403,6 +420,16 @@ class ModelManager:
         await self._health.enter_graceful_shutdown()
 
     async def close(self) -> None:
+        """Close the provider for good, after every job still running it has returned (event loop)."""
+        returned = asyncio.Event()
+        with self._lease_lock:
+            self._closing = True
+            running = sum(self._leases.values())
+            if running:
+                self._all_returned = (asyncio.get_running_loop(), returned)
+        if running:
+            log.info("waiting for %d running job(s) to return before closing the model", running)
+            await returned.wait()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None

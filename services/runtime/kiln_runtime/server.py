@@ -4,7 +4,8 @@
 message caps and `so_reuseport` off (a second process must fail to bind, not share the
 port), the interceptor chain, `grpc.health.v1` driven by the model manager, reflection,
 the Prometheus endpoint, periodic artifact cleanup, and a graceful shutdown: NOT_SERVING
-first, new jobs refused, in-flight streams drained within the grace period, then stop.
+first, new jobs refused, in-flight streams drained within the grace period, then stop, and
+the model closed only once every worker thread still running it has returned.
 """
 
 from __future__ import annotations
@@ -14,160 +15,28 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kiln.artifacts.v1 import artifact_service_pb2_grpc as artifact_pb2_grpc
 from kiln_runtime.artifact_servicer import SERVICE_NAME as ARTIFACTS_SERVICE
 from kiln_runtime.artifact_servicer import ArtifactServicer
-from kiln_runtime.device import (
-    MPS_FALLBACK_ENV,
-    DeviceAvailability,
-    DeviceChoice,
-    choose_device,
-    configure_mps_fallback,
-    probe_devices,
-)
-from kiln_runtime.job_api import JobMessages, JobRpcs, StoreRecorder, new_replica_id
-from kiln_runtime.job_table import JobTable
-from kiln_runtime.jobs import JobRunner
-from kiln_runtime.limits import AdmissionController
-from kiln_runtime.model_manager import ModelManager
 from kiln_runtime.provider import Provider
+from kiln_runtime.runtime import Runtime
 from kiln_runtime.server_tls import describe as describe_tls
 from kiln_runtime.server_tls import server_credentials
-from kiln_runtime.settings import KilnSettings, ServiceSettings, StorageSettings
-from kiln_runtime.storage import ArtifactStore, open_store
-from kiln_runtime.storage.budget import StorageGuard
-from kiln_runtime.storage.local import LocalArtifactStore
+from kiln_runtime.settings import KilnSettings
 from kiln_runtime.telemetry.interceptors import (
     AccessLogMetricsInterceptor,
     ErrorInterceptor,
     RequestContextInterceptor,
 )
-from kiln_runtime.telemetry.metrics import ServiceMetrics, start_metrics_server
+from kiln_runtime.telemetry.metrics import start_metrics_server
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Runtime:
-    """The per-model pieces a service and its servicer are built on."""
-
-    name: str
-    domain: str
-    settings: ServiceSettings
-    store: ArtifactStore
-    metrics: ServiceMetrics
-    admission: AdmissionController
-    runner: JobRunner
-    manager: ModelManager
-    health: health.aio.HealthServicer
-    # Jobs apart from their streams, and the job RPCs over them.
-    jobs: JobTable
-    job_rpcs: JobRpcs
-    # Budget and free-space floor of a local artifact folder; None for an object store.
-    storage_guard: StorageGuard | None = None
-
-
-def choose_service_device(name: str, settings: ServiceSettings) -> DeviceChoice:
-    """Apply the device policy once at startup; a named device that is missing stops the server."""
-    runtime = settings.runtime
-    # Before the probe, which is the process's first torch import: torch reads it only then.
-    fallback = configure_mps_fallback(runtime.mps_fallback, runtime.device)
-    if fallback.value is not None:
-        log.info("%s=%s (from the %s)", MPS_FALLBACK_ENV, fallback.value, fallback.source)
-    if not fallback.effective:
-        log.warning("torch was imported before %s was set; the setting has no effect", MPS_FALLBACK_ENV)
-    # Probing imports torch; a CPU-only policy needs no probe.
-    available = DeviceAvailability(cuda=False, mps=False) if runtime.device == "cpu" else probe_devices()
-    choice = choose_device(runtime.device, runtime.cuda_dtype, available, setting_name=f"{name}.runtime.device")
-    log.info("%s device: %s (%s)", name, choice.device, choice.dtype)
-    return choice
-
-
-def build_runtime(
-    *,
-    name: str,
-    service_full_name: str,
-    kiln: KilnSettings,
-    settings: ServiceSettings,
-    provider: Provider[Any, Any],
-    job_messages: JobMessages,
-) -> Runtime:
-    """Build the shared runtime for one model server (no sockets opened yet)."""
-    metrics = ServiceMetrics(name)
-    store = open_store(kiln.storage)
-    guard = StorageGuard.for_settings(store.root, kiln.storage) if isinstance(store, LocalArtifactStore) else None
-    if guard is not None:
-        guard.export_to(metrics)
-    admission = AdmissionController(
-        settings.runtime.max_concurrency,
-        settings.runtime.max_queue,
-        principal_weights=settings.runtime.principal_weights,
-        max_jobs_per_principal=settings.jobs.max_jobs_per_principal,
-    )
-    health_servicer = health.aio.HealthServicer()
-    manager = ModelManager(
-        provider,
-        health_servicer=health_servicer,
-        service_names=[service_full_name],
-        metrics=metrics,
-        load_on_startup=settings.runtime.load_on_startup,
-        keep_alive=settings.runtime.keep_alive,
-        preflight=_storage_preflight(store, kiln.storage),
-    )
-    runner = JobRunner(
-        admission=admission,
-        store=store,
-        metrics=metrics,
-        max_message_bytes=settings.server.max_message_bytes,
-        max_inline_bytes=kiln.storage.max_inline_bytes,
-        model=manager,
-        storage_guard=guard,
-    )
-    domain = f"{name}.kiln.dev"
-    recorder = StoreRecorder(store, job_messages, domain=domain, replica=new_replica_id(), settings=settings.jobs)
-    jobs = JobTable(settings.jobs, recorder=recorder, metrics=metrics)
-    return Runtime(
-        name=name,
-        domain=domain,
-        settings=settings,
-        store=store,
-        metrics=metrics,
-        admission=admission,
-        runner=runner,
-        manager=manager,
-        health=health_servicer,
-        jobs=jobs,
-        job_rpcs=JobRpcs(jobs, recorder, job_messages, domain=domain),
-        storage_guard=guard,
-    )
-
-
-def _storage_preflight(store: ArtifactStore, storage: StorageSettings) -> Callable[[], None] | None:
-    """What must work before the server takes jobs: an object store must answer (NOT_SERVING until it does)."""
-    if storage.backend != "s3":  # the local folder is created on the first write
-        return None
-    from kiln_runtime.storage.s3 import S3ArtifactStore  # boto3 only when chosen
-
-    if not isinstance(store, S3ArtifactStore):
-        return None
-    s3_store = store
-
-    def preflight() -> None:
-        s3_store.check()
-        if storage.s3.lifecycle_rule:
-            try:
-                s3_store.apply_lifecycle(storage.retention_hours)
-            except Exception as err:  # a backstop only: cleanup() still sweeps by age
-                log.warning("could not set the bucket's lifecycle rule (cleanup still runs): %s", err)
-
-    return preflight
 
 
 class KilnServer:
@@ -273,6 +142,10 @@ class KilnServer:
                     await task
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        # Cancelled jobs' worker threads cannot be interrupted: a run past the grace period goes on
+        # until its next cancellation check. The runner drops what never started; the manager then
+        # closes the provider only after the last running worker has let it go, so no run ever
+        # finds its model closed under it.
         self.runtime.runner.shutdown()
         await self.runtime.manager.close()
         log.info("stopped")

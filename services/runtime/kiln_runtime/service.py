@@ -14,7 +14,7 @@ from kiln_runtime.errors import StorageFull
 from kiln_runtime.images import check_image, decode_image
 from kiln_runtime.jobs import ProducedArtifact
 from kiln_runtime.provider import RunContext
-from kiln_runtime.server import Runtime
+from kiln_runtime.runtime import Runtime
 from kiln_runtime.storage.budget import human_bytes, is_out_of_space
 
 log = logging.getLogger(__name__)

@@ -2,10 +2,11 @@
 
 One `generateContent` call per job: the prompt and the input image travel inline, and the
 answer's first image part is the result. Gemini reports no progress, so progress is coarse
-(submitted, waiting, received). The blocking `run` drives the call on a private asyncio
-loop so that a cancelled job really closes the connection instead of waiting out a
-generation nobody will read. The seed is best-effort and the diffusion knobs (strength,
-steps, guidance, scheduler) have no Gemini equivalent, so results never reproduce.
+(submitted, waiting, received). The blocking `run` drives the call on the provider's shared
+HTTP client (kiln_runtime.vendor_http) so that jobs reuse connections and a cancelled job
+really closes its connection instead of waiting out a generation nobody will read. The seed
+is best-effort and the diffusion knobs (strength, steps, guidance, scheduler) have no Gemini
+equivalent, so results never reproduce.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kiln_runtime.vendor_errors import (
     VendorUnavailable,
     vendor_metadata,
 )
-from kiln_runtime.vendor_http import CallTimedOut, excerpt, guarded, tls_context
+from kiln_runtime.vendor_http import CallTimedOut, VendorClient, excerpt, guarded
 
 VENDOR = "gemini"
 # Gemini takes inline data plus prompt up to about 20 MB per request and refuses more only
@@ -69,14 +70,15 @@ logger = logging.getLogger(__name__)
 class GeminiImg2ImgProvider:
     """img2img through Gemini's image model; implements the img2img provider protocol.
 
-    Every run builds its own event loop and HTTP client, so parallel slots share nothing
-    and the provider needs no locking. The API key is read only to build request headers
+    Parallel slots share one HTTP client (thread-safe by design, see `VendorClient`), so
+    jobs reuse connections to Gemini. The API key is read only to build request headers
     and never appears in logs or error messages.
     """
 
     def __init__(self, settings: GeminiSettings) -> None:
         self.settings = settings
         self._url = f"{settings.base_url.rstrip('/')}/models/{quote(settings.model, safe='')}:generateContent"
+        self._http = VendorClient("gemini", timeout_s=settings.timeout_s)
 
     def describe(self) -> ProviderDescription:
         return ProviderDescription(
@@ -104,7 +106,8 @@ class GeminiImg2ImgProvider:
         """Nothing to warm: the model runs at the vendor."""
 
     def close(self) -> None:
-        """Nothing to free: each run closes its own HTTP client."""
+        """Close the shared HTTP client and its loop thread; the next run starts them again."""
+        self._http.close()
 
     def run(self, request: Img2ImgInput, ctx: RunContext) -> Img2ImgOutput:
         """Call Gemini once (plus bounded retries on 429) and return its image.
@@ -119,28 +122,25 @@ class GeminiImg2ImgProvider:
             body = _request_body(request)
         ctx.report(ProgressUpdate(Stage.VENDOR_SUBMITTED, 0, 0, 0.1))
         with ctx.phase("vendor"):
-            answer = asyncio.run(self._generate(body, ctx))
+            answer = self._http.run(lambda client: self._generate(client, body, ctx))
         ctx.report(ProgressUpdate(Stage.VENDOR_RECEIVED, 0, 0, 0.9))
         with ctx.phase("decode"):
             image = _image_from(answer)
         return Img2ImgOutput(image=image, steps_run=0, prompt_truncated=False)
 
-    async def _generate(self, body: bytes, ctx: RunContext) -> dict[str, Any]:
+    async def _generate(self, client: httpx.AsyncClient, body: bytes, ctx: RunContext) -> dict[str, Any]:
         """POST, retrying a 429 whose delay is short enough; returns the 200 answer."""
-        async with httpx.AsyncClient(timeout=httpx.Timeout(self.settings.timeout_s), verify=tls_context()) as client:
-            retries = 0
-            while True:
-                response = await self._post(client, body, ctx)
-                if response.status_code != 429:
-                    return _answer_of(response)
-                delay = _retry_delay(response)
-                if delay is None or delay > self.settings.max_retry_delay_s or retries == self.settings.max_retries:
-                    raise _quota_error(response, delay)
-                retries += 1
-                logger.warning(
-                    "gemini quota hit (429); retry %d of %d in %g s", retries, self.settings.max_retries, delay
-                )
-                await guarded(asyncio.sleep(delay), ctx)
+        retries = 0
+        while True:
+            response = await self._post(client, body, ctx)
+            if response.status_code != 429:
+                return _answer_of(response)
+            delay = _retry_delay(response)
+            if delay is None or delay > self.settings.max_retry_delay_s or retries == self.settings.max_retries:
+                raise _quota_error(response, delay)
+            retries += 1
+            logger.warning("gemini quota hit (429); retry %d of %d in %g s", retries, self.settings.max_retries, delay)
+            await guarded(asyncio.sleep(delay), ctx)
 
     async def _post(self, client: httpx.AsyncClient, body: bytes, ctx: RunContext) -> httpx.Response:
         waiting = False

@@ -3,14 +3,14 @@
 One synchronous `POST /v2beta/3d/stable-fast-3d` per job: the image goes up as
 multipart/form-data and the 200 answer's body is the finished, textured GLB. There is no job
 id and no progress, so progress is coarse (submitted, waiting, received). The blocking `run`
-drives the call on a private asyncio loop so that a cancelled job really closes the
-connection instead of waiting out a reconstruction nobody will read. The GLB is passed
+drives the call on the provider's shared HTTP client (kiln_runtime.vendor_http) so that jobs
+reuse connections and a cancelled job really closes its connection instead of waiting out a
+reconstruction nobody will read. The GLB is passed
 through unchanged; only its JSON chunk is read, for the vertex and face counts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import io
 import json
@@ -34,7 +34,7 @@ from kiln_runtime.vendor_errors import (
     VendorUnavailable,
     vendor_metadata,
 )
-from kiln_runtime.vendor_http import CallTimedOut, excerpt, guarded, tls_context
+from kiln_runtime.vendor_http import CallTimedOut, VendorClient, excerpt, guarded
 
 VENDOR = "stability"
 MODEL_ID = "stable-fast-3d"
@@ -59,8 +59,8 @@ logger = logging.getLogger(__name__)
 class StableFast3DProvider:
     """Image-to-mesh through Stability's Stable Fast 3D API; implements the mesh provider protocol.
 
-    Every run builds its own event loop and HTTP client, so parallel slots share nothing
-    and the provider needs no locking. The API key is read only to build the request's
+    Parallel slots share one HTTP client (thread-safe by design, see `VendorClient`), so
+    jobs reuse connections to Stability. The API key is read only to build the request's
     Authorization header and never appears in logs or error messages.
 
     Only GLB comes back, with the vendor's texture baked in. Kiln's marching-cubes knobs
@@ -72,6 +72,7 @@ class StableFast3DProvider:
     def __init__(self, settings: StableFast3DSettings) -> None:
         self.settings = settings
         self._url = settings.base_url.rstrip("/") + PATH
+        self._http = VendorClient("stable-fast-3d", timeout_s=settings.timeout_s)
 
     def describe(self) -> ProviderDescription:
         """What runs where: a vendor model, never reproducible (the API takes no seed)."""
@@ -100,7 +101,8 @@ class StableFast3DProvider:
         """Nothing to warm: the model runs at the vendor."""
 
     def close(self) -> None:
-        """Nothing to free: each run closes its own HTTP client."""
+        """Close the shared HTTP client and its loop thread; the next run starts them again."""
+        self._http.close()
 
     def run(self, request: MeshInput, ctx: RunContext) -> MeshOutput:
         """Upload the image once and return the vendor's GLB with its vertex and face counts.
@@ -124,7 +126,7 @@ class StableFast3DProvider:
             image = _png_of(request.image)
         ctx.report(ProgressUpdate(Stage.VENDOR_SUBMITTED, 0, 0, 0.1))
         with ctx.phase("vendor"):
-            response = asyncio.run(self._post(image, fields, ctx))
+            response = self._http.run(lambda client: self._post(client, image, fields, ctx))
         if response.status_code != 200:
             raise _http_error(response, len(image))
         ctx.report(ProgressUpdate(Stage.VENDOR_RECEIVED, 0, 0, 0.9))
@@ -133,7 +135,9 @@ class StableFast3DProvider:
         logger.info("stable fast 3d answer: %d bytes, %d vertices, %d faces", len(response.content), vertices, faces)
         return MeshOutput(background_removed=False, encoded=response.content, vertex_count=vertices, face_count=faces)
 
-    async def _post(self, image: bytes, fields: dict[str, str], ctx: RunContext) -> httpx.Response:
+    async def _post(
+        self, client: httpx.AsyncClient, image: bytes, fields: dict[str, str], ctx: RunContext
+    ) -> httpx.Response:
         """POST the form once; 429s are not retried here, the client gets RetryInfo instead."""
         waiting = False
 
@@ -148,17 +152,16 @@ class StableFast3DProvider:
         files = {"image": ("image.png", image, "image/png")}
         timeout_s = self.settings.timeout_s
         started = time.perf_counter()
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), verify=tls_context()) as client:
-            post = client.post(self._url, data=fields, files=files, headers=headers, extensions={"trace": trace})
-            try:
-                response = await guarded(post, ctx, timeout_s=timeout_s)
-            except (httpx.TimeoutException, CallTimedOut) as exc:
-                message = f"Stable Fast 3D did not answer within the {timeout_s:g} s timeout; try again later"
-                raise VendorUnavailable(message, metadata=vendor_metadata(VENDOR, vendor_reason="TIMEOUT")) from exc
-            except httpx.TransportError as exc:
-                reason = type(exc).__name__
-                message = f"could not reach Stable Fast 3D ({reason}); try again later"
-                raise VendorUnavailable(message, metadata=vendor_metadata(VENDOR, vendor_reason=reason)) from exc
+        post = client.post(self._url, data=fields, files=files, headers=headers, extensions={"trace": trace})
+        try:
+            response = await guarded(post, ctx, timeout_s=timeout_s)
+        except (httpx.TimeoutException, CallTimedOut) as exc:
+            message = f"Stable Fast 3D did not answer within the {timeout_s:g} s timeout; try again later"
+            raise VendorUnavailable(message, metadata=vendor_metadata(VENDOR, vendor_reason="TIMEOUT")) from exc
+        except httpx.TransportError as exc:
+            reason = type(exc).__name__
+            message = f"could not reach Stable Fast 3D ({reason}); try again later"
+            raise VendorUnavailable(message, metadata=vendor_metadata(VENDOR, vendor_reason=reason)) from exc
         if not waiting:  # an answer before the upload finished (an early error): keep the sequence whole
             ctx.report(ProgressUpdate(Stage.VENDOR_WAITING, 0, 0, 0.2))
         logger.info("stable fast 3d answered HTTP %d in %.2f s", response.status_code, time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""Kiln's own TripoSR: configuration, model and strict checkpoint loading (no transformers, no OmegaConf).
+"""Kiln's own TripoSR: configuration, model and strict checkpoint loading (no transformers).
 
 `load_triposr(folder)` reads a published-layout folder (`config.yaml` + `model.ckpt` or
 `model.safetensors`) and returns a `TripoSR` whose `preprocess` -> `encode` -> `query` /

@@ -1,33 +1,33 @@
 r"""TripoSR's configuration: the published `config.yaml`, its interpolations, and the ViT preset.
 
-The published file holds six `*_cls` entries naming classes of the reference code
-and six parameter blocks. It uses OmegaConf interpolation (`${tokenizer.num_channels}`); Kiln does not
-depend on OmegaConf, so `resolve_interpolations` implements the subset that configuration files use:
-absolute and relative (`${.key}`, `${..key}`) references, references nested inside references
-(`${a.${b}}`), references embedded in longer strings, chains of references and `\${` escapes.
-Resolvers (`${oc.env:...}`) are rejected.
+The published file holds six `*_cls` entries naming classes of the reference code and six parameter
+blocks. Kiln reads it with OmegaConf, as the reference implementation does, so its interpolations
+(`${tokenizer.num_channels}`; relative, nested and escaped ones too) mean exactly what they mean there.
+Resolvers (`${oc.env:...}`) are refused: a model folder has no business reading the server's
+environment, and the published file uses none.
 
 The image encoder is named by a hub id (`facebook/dino-vitb16`) whose hyper-parameters are hard-coded
 here, because nothing may be downloaded; a `vit_config.json` (transformers `ViTConfig` keys)
 beside `config.yaml` overrides them, which is how tiny test checkpoints and custom encoders are described.
 
-Every block is validated: unknown keys, wrong types, sizes that do not fit together and options Kiln
-does not implement raise `ValueError` naming the key, rather than building a model that silently
-computes something else.
+Every block is a pydantic model: unknown keys, wrong types, sizes that do not fit together and options
+Kiln does not implement raise `ValueError` naming the key (`renderer.num_samples_per_ray: expected an
+integer, got 'x'`), rather than building a model that silently computes something else.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, Literal, Self, TypeVar, cast
 
 import yaml  # type: ignore[import-untyped]
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+from omegaconf.grammar_parser import parse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 __all__ = [
     "CONFIG_FILE",
@@ -95,8 +95,25 @@ renderer:
 """
 
 
-@dataclass(frozen=True)
-class ViTConfig:
+def _not_a_bool(value: Any) -> Any:
+    # pydantic reads `true` as 1; a YAML `yes` where a size belongs is a mistake, not a number.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+_PositiveInt = Annotated[int, Field(gt=0), BeforeValidator(_not_a_bool)]
+_Float = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_not_a_bool)]
+_PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_not_a_bool)]
+
+
+class _Frozen(BaseModel):
+    """Immutable, and a key the model does not declare is an error rather than ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ViTConfig(_Frozen):
     """Hyper-parameters of the ViT image encoder (transformers `ViTConfig` names).
 
     Attributes:
@@ -112,16 +129,30 @@ class ViTConfig:
         qkv_bias: Whether the query/key/value projections have biases.
     """
 
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-12
+    hidden_size: _PositiveInt
+    num_hidden_layers: _PositiveInt
+    num_attention_heads: _PositiveInt
+    intermediate_size: _PositiveInt
+    image_size: _PositiveInt
+    patch_size: _PositiveInt
+    num_channels: _PositiveInt = 3
+    layer_norm_eps: _PositiveFloat = 1e-12
     hidden_act: str = "gelu"
-    qkv_bias: bool = True
+    qkv_bias: StrictBool = True
+
+    @model_validator(mode="after")
+    def _supported(self) -> Self:
+        if self.hidden_act != "gelu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only exact 'gelu')")
+        if self.num_channels != 3:
+            raise ValueError(f"num_channels must be 3 (RGB), got {self.num_channels}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        if self.position_grid < 1:
+            raise ValueError(f"image_size {self.image_size} is smaller than patch_size")
+        return self
 
     @property
     def head_dim(self) -> int:
@@ -153,30 +184,34 @@ DINO_VITB16: Final = ViTConfig(
 _VIT_PRESETS: Final[Mapping[str, ViTConfig]] = {DINO_VITB16_NAME: DINO_VITB16}
 
 
-@dataclass(frozen=True)
-class ImageTokenizerConfig:
+class ImageTokenizerConfig(_Frozen):
     """The `image_tokenizer` block plus the encoder hyper-parameters it resolves to.
 
     Attributes:
         pretrained_model_name_or_path: The hub id naming the encoder architecture (weights come from TripoSR's file).
-        vit: The encoder's hyper-parameters (preset for the name, or `vit_config.json`).
+        vit: The encoder's hyper-parameters (preset for the name, or `vit_config.json`); not a `config.yaml` key.
+        freeze: Training-time switch of the reference class; no effect at inference.
+        enable_gradient_checkpointing: Training-time switch of the reference class; no effect at inference.
     """
 
     pretrained_model_name_or_path: str
     vit: ViTConfig
+    freeze: StrictBool = True
+    enable_gradient_checkpointing: StrictBool = False
 
 
-@dataclass(frozen=True)
-class TriplaneTokenizerConfig:
+class TriplaneTokenizerConfig(_Frozen):
     """The `tokenizer` block: learned triplane tokens of shape [3, num_channels, plane_size, plane_size]."""
 
-    plane_size: int
-    num_channels: int
+    plane_size: _PositiveInt
+    num_channels: _PositiveInt
 
 
-@dataclass(frozen=True)
-class BackboneConfig:
+class BackboneConfig(_Frozen):
     """The `backbone` block (`Transformer1D`).
+
+    The reference class has more options; Kiln implements them at their defaults only, so they are
+    declared with the one value accepted (`attention_bias: false`, `activation_fn: geglu`, ...).
 
     Attributes:
         in_channels: Token width in and out (= the triplane tokenizer's channels).
@@ -187,12 +222,33 @@ class BackboneConfig:
         norm_num_groups: Groups of the input GroupNorm (class default 32).
     """
 
-    in_channels: int
-    num_attention_heads: int
-    attention_head_dim: int
-    num_layers: int
-    cross_attention_dim: int
-    norm_num_groups: int = 32
+    in_channels: _PositiveInt
+    num_attention_heads: _PositiveInt
+    attention_head_dim: _PositiveInt
+    num_layers: _PositiveInt
+    cross_attention_dim: _PositiveInt
+    norm_num_groups: _PositiveInt = 32
+    out_channels: _PositiveInt | None = None
+    attention_bias: Literal[False] = False
+    activation_fn: Literal["geglu"] = "geglu"
+    num_embeds_ada_norm: None = None
+    only_cross_attention: Literal[False] = False
+    double_self_attention: Literal[False] = False
+    upcast_attention: Literal[False] = False
+    norm_type: Literal["layer_norm"] = "layer_norm"
+    norm_elementwise_affine: Literal[True] = True
+    dropout: _Float = 0.0  # inactive at inference
+    gradient_checkpointing: StrictBool = False
+
+    @model_validator(mode="after")
+    def _supported(self) -> Self:
+        if self.out_channels not in (None, self.in_channels):  # the residual around the backbone needs out == in
+            raise ValueError(f"out_channels = {self.out_channels} is not supported (only in_channels)")
+        if self.in_channels % self.norm_num_groups:
+            raise ValueError(
+                f"in_channels {self.in_channels} is not a multiple of norm_num_groups {self.norm_num_groups}"
+            )
+        return self
 
     @property
     def inner_dim(self) -> int:
@@ -200,16 +256,14 @@ class BackboneConfig:
         return self.num_attention_heads * self.attention_head_dim
 
 
-@dataclass(frozen=True)
-class PostProcessorConfig:
+class PostProcessorConfig(_Frozen):
     """The `post_processor` block (`TriplaneUpsampleNetwork`: a 2x transposed convolution)."""
 
-    in_channels: int
-    out_channels: int
+    in_channels: _PositiveInt
+    out_channels: _PositiveInt
 
 
-@dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(_Frozen):
     """The `decoder` block (`NeRFMLP`).
 
     Attributes:
@@ -217,16 +271,21 @@ class DecoderConfig:
         n_neurons: Hidden width.
         n_hidden_layers: Hidden layers; the MLP has n_hidden_layers + 1 Linear layers.
         activation: Activation between the Linear layers (`silu`).
+        bias: The Linear layers have biases (the only variant implemented).
+        weight_init: Initialiser of the reference class; irrelevant when the weights are loaded.
+        bias_init: Initialiser of the reference class; irrelevant when the weights are loaded.
     """
 
-    in_channels: int
-    n_neurons: int
-    n_hidden_layers: int
-    activation: str
+    in_channels: _PositiveInt
+    n_neurons: _PositiveInt
+    n_hidden_layers: _PositiveInt
+    activation: Literal["silu"]
+    bias: Literal[True] = True
+    weight_init: str = "kaiming_uniform"
+    bias_init: Any = None
 
 
-@dataclass(frozen=True)
-class RendererConfig:
+class RendererConfig(_Frozen):
     """The `renderer` block (`TriplaneNeRFRenderer`): how the triplane is queried and activated.
 
     Attributes:
@@ -235,18 +294,24 @@ class RendererConfig:
         density_activation: Applied to raw density + bias (`exp`).
         density_bias: Added to the raw density before the activation (-1.0).
         num_samples_per_ray: Volume-rendering samples per ray (rendering only).
+        color_activation: Applied to the raw colour (`sigmoid`, the only one implemented).
+        randomized: Jittered ray samples (training only; must stay off).
     """
 
-    radius: float
-    feature_reduction: str
-    density_activation: str
-    density_bias: float
-    num_samples_per_ray: int
+    radius: _PositiveFloat
+    feature_reduction: Literal["concat"]
+    density_activation: Literal["exp"]
+    density_bias: _Float
+    num_samples_per_ray: _PositiveInt
+    color_activation: Literal["sigmoid"] = "sigmoid"
+    randomized: Literal[False] = False
 
 
-@dataclass(frozen=True)
-class TripoSRConfig:
+class TripoSRConfig(_Frozen):
     """The whole model configuration.
+
+    Each `*_cls` entry names a class of the reference code; only the published architecture is
+    implemented, so each accepts its published value only.
 
     Attributes:
         cond_image_size: Side the input image is resized to before encoding (512).
@@ -258,13 +323,63 @@ class TripoSRConfig:
         renderer: Triplane query conventions.
     """
 
-    cond_image_size: int
+    cond_image_size: _PositiveInt
     image_tokenizer: ImageTokenizerConfig
     tokenizer: TriplaneTokenizerConfig
     backbone: BackboneConfig
     post_processor: PostProcessorConfig
     decoder: DecoderConfig
     renderer: RendererConfig
+    image_tokenizer_cls: Literal["tsr.models.tokenizers.image.DINOSingleImageTokenizer"] = (
+        "tsr.models.tokenizers.image.DINOSingleImageTokenizer"
+    )
+    tokenizer_cls: Literal["tsr.models.tokenizers.triplane.Triplane1DTokenizer"] = (
+        "tsr.models.tokenizers.triplane.Triplane1DTokenizer"
+    )
+    backbone_cls: Literal["tsr.models.transformer.transformer_1d.Transformer1D"] = (
+        "tsr.models.transformer.transformer_1d.Transformer1D"
+    )
+    post_processor_cls: Literal["tsr.models.network_utils.TriplaneUpsampleNetwork"] = (
+        "tsr.models.network_utils.TriplaneUpsampleNetwork"
+    )
+    decoder_cls: Literal["tsr.models.network_utils.NeRFMLP"] = "tsr.models.network_utils.NeRFMLP"
+    renderer_cls: Literal["tsr.models.nerf_renderer.TriplaneNeRFRenderer"] = (
+        "tsr.models.nerf_renderer.TriplaneNeRFRenderer"
+    )
+
+    @model_validator(mode="after")
+    def _blocks_fit_together(self) -> Self:
+        bb, vit = self.backbone, self.image_tokenizer.vit
+        checks = [
+            (
+                bb.in_channels == self.tokenizer.num_channels,
+                f"backbone.in_channels {bb.in_channels} != tokenizer.num_channels {self.tokenizer.num_channels}",
+            ),
+            (
+                bb.cross_attention_dim == vit.hidden_size,
+                f"backbone.cross_attention_dim {bb.cross_attention_dim} != the image encoder's hidden_size "
+                f"{vit.hidden_size}",
+            ),
+            (
+                self.post_processor.in_channels == bb.in_channels,
+                f"post_processor.in_channels {self.post_processor.in_channels} != backbone.in_channels "
+                f"{bb.in_channels}",
+            ),
+            (
+                # feature_reduction concat: three planes side by side.
+                self.decoder.in_channels == 3 * self.post_processor.out_channels,
+                f"decoder.in_channels {self.decoder.in_channels} != 3 x post_processor.out_channels "
+                f"{self.post_processor.out_channels}",
+            ),
+            (
+                self.cond_image_size >= vit.patch_size,
+                f"cond_image_size {self.cond_image_size} is smaller than the encoder's patch_size {vit.patch_size}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
 
     @property
     def scene_code_shape(self) -> tuple[int, int, int, int]:
@@ -294,12 +409,10 @@ def load_triposr_config(folder: Path) -> TripoSRConfig:
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     try:
-        text = config_path.read_text(encoding="utf-8")
+        raw = OmegaConf.load(config_path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
         raise ValueError(f"{config_path}: not valid YAML: {exc}") from exc
     vit_overrides: Mapping[str, Any] | None = None
     vit_path = folder / VIT_CONFIG_FILE
@@ -321,7 +434,7 @@ def parse_triposr_config(raw: Any, *, vit_overrides: Mapping[str, Any] | None = 
     """Validate a parsed `config.yaml` tree (interpolations are resolved here).
 
     Args:
-        raw: The YAML document as loaded (a mapping).
+        raw: The YAML document as loaded: a mapping, or OmegaConf's `DictConfig`.
         vit_overrides: A transformers `ViTConfig` JSON object overriding the named encoder's preset.
 
     Returns:
@@ -333,85 +446,14 @@ def parse_triposr_config(raw: Any, *, vit_overrides: Mapping[str, Any] | None = 
     if not isinstance(raw, Mapping):
         raise ValueError(f"expected a mapping at the top level, got {type(raw).__name__}")
     tree = resolve_interpolations(raw)
-    top = _Block("", tree)
-    top.check_cls("image_tokenizer_cls", "tsr.models.tokenizers.image.DINOSingleImageTokenizer")
-    top.check_cls("tokenizer_cls", "tsr.models.tokenizers.triplane.Triplane1DTokenizer")
-    top.check_cls("backbone_cls", "tsr.models.transformer.transformer_1d.Transformer1D")
-    top.check_cls("post_processor_cls", "tsr.models.network_utils.TriplaneUpsampleNetwork")
-    top.check_cls("decoder_cls", "tsr.models.network_utils.NeRFMLP")
-    top.check_cls("renderer_cls", "tsr.models.nerf_renderer.TriplaneNeRFRenderer")
-    cond_image_size = top.positive_int("cond_image_size")
-
-    image_block = top.block("image_tokenizer")
-    name = image_block.string("pretrained_model_name_or_path")
-    # Training-time switches of the reference class; they do not change inference.
-    image_block.optional("freeze", _as_bool, True)
-    image_block.optional("enable_gradient_checkpointing", _as_bool, False)
-    image_block.finish()
-    image_tokenizer = ImageTokenizerConfig(name, _vit_config(name, vit_overrides))
-
-    tok_block = top.block("tokenizer")
-    tokenizer = TriplaneTokenizerConfig(tok_block.positive_int("plane_size"), tok_block.positive_int("num_channels"))
-    tok_block.finish()
-
-    bb = top.block("backbone")
-    backbone = BackboneConfig(
-        in_channels=bb.positive_int("in_channels"),
-        num_attention_heads=bb.positive_int("num_attention_heads"),
-        attention_head_dim=bb.positive_int("attention_head_dim"),
-        num_layers=bb.positive_int("num_layers"),
-        cross_attention_dim=bb.positive_int("cross_attention_dim"),
-        norm_num_groups=bb.optional("norm_num_groups", _as_positive_int, 32),
-    )
-    # Options of the reference class that Kiln implements only at their defaults.
-    out_channels = bb.optional("out_channels", _as_optional_positive_int, None)
-    if out_channels not in (None, backbone.in_channels):  # the residual around the backbone needs out == in
-        raise ValueError(f"backbone.out_channels = {out_channels} is not supported (only in_channels)")
-    bb.fixed("attention_bias", False)
-    bb.fixed("activation_fn", "geglu")
-    bb.fixed("num_embeds_ada_norm", None)
-    bb.fixed("only_cross_attention", False)
-    bb.fixed("double_self_attention", False)
-    bb.fixed("upcast_attention", False)
-    bb.fixed("norm_type", "layer_norm")
-    bb.fixed("norm_elementwise_affine", True)
-    bb.optional("dropout", _as_float, 0.0)  # inactive at inference
-    bb.optional("gradient_checkpointing", _as_bool, False)
-    bb.finish()
-
-    pp = top.block("post_processor")
-    post_processor = PostProcessorConfig(pp.positive_int("in_channels"), pp.positive_int("out_channels"))
-    pp.finish()
-
-    dec = top.block("decoder")
-    decoder = DecoderConfig(
-        in_channels=dec.positive_int("in_channels"),
-        n_neurons=dec.positive_int("n_neurons"),
-        n_hidden_layers=dec.positive_int("n_hidden_layers"),
-        activation=dec.choice("activation", ("silu",)),
-    )
-    dec.fixed("bias", True)
-    # Initialisers are irrelevant when the weights are loaded.
-    dec.optional("weight_init", _as_str, "kaiming_uniform")
-    dec.optional("bias_init", _as_any, None)
-    dec.finish()
-
-    ren = top.block("renderer")
-    renderer = RendererConfig(
-        radius=ren.positive_float("radius"),
-        feature_reduction=ren.choice("feature_reduction", ("concat",)),
-        density_activation=ren.choice("density_activation", ("exp",)),
-        density_bias=ren.float_("density_bias"),
-        num_samples_per_ray=ren.positive_int("num_samples_per_ray"),
-    )
-    ren.fixed("color_activation", "sigmoid")
-    ren.fixed("randomized", False)
-    ren.finish()
-    top.finish()
-
-    config = TripoSRConfig(cond_image_size, image_tokenizer, tokenizer, backbone, post_processor, decoder, renderer)
-    _check_consistency(config)
-    return config
+    image = tree.get("image_tokenizer")
+    if isinstance(image, dict):
+        if "vit" in image:
+            raise ValueError("unknown key(s) in image_tokenizer: vit")
+        name = image.get("pretrained_model_name_or_path")
+        # A name that is not a string gets its own error from validation; the preset only stands in.
+        image["vit"] = _vit_config(name, vit_overrides) if isinstance(name, str) else DINO_VITB16
+    return _validate(TripoSRConfig, tree)
 
 
 def parse_vit_config(raw: Mapping[str, Any], *, base: ViTConfig | None = None) -> ViTConfig:
@@ -427,49 +469,12 @@ def parse_vit_config(raw: Mapping[str, Any], *, base: ViTConfig | None = None) -
     Raises:
         ValueError: A value is missing, mistyped or unsupported.
     """
-    block = _Block(VIT_CONFIG_FILE, raw, ignore_unknown=True)
-    model_type = block.optional("model_type", _as_str, "vit")
+    model_type = raw.get("model_type", "vit")
     if model_type != "vit":
         raise ValueError(f"{VIT_CONFIG_FILE}: model_type {model_type!r} is not supported (only 'vit')")
-    # Without a base the architecture keys are required; the rest have transformers' defaults.
-    defaults: dict[str, Any] = (
-        dataclasses.asdict(base)
-        if base is not None
-        else {"num_channels": 3, "layer_norm_eps": 1e-12, "hidden_act": "gelu", "qkv_bias": True}
-    )
-    converters: dict[str, _Converter[Any]] = {
-        "hidden_size": _as_positive_int,
-        "num_hidden_layers": _as_positive_int,
-        "num_attention_heads": _as_positive_int,
-        "intermediate_size": _as_positive_int,
-        "image_size": _as_positive_int,
-        "patch_size": _as_positive_int,
-        "num_channels": _as_positive_int,
-        "layer_norm_eps": _as_positive_float,
-        "hidden_act": _as_str,
-        "qkv_bias": _as_bool,
-    }
-    values: dict[str, Any] = {}
-    for key, convert in converters.items():
-        if key in raw:
-            values[key] = block.required(key, convert)
-        elif key in defaults:
-            values[key] = defaults[key]
-        else:
-            raise ValueError(f"{VIT_CONFIG_FILE}: missing key {key}")
-    config = ViTConfig(**values)
-    if config.hidden_act != "gelu":
-        raise ValueError(f"{VIT_CONFIG_FILE}: hidden_act {config.hidden_act!r} is not supported (only exact 'gelu')")
-    if config.num_channels != 3:
-        raise ValueError(f"{VIT_CONFIG_FILE}: num_channels must be 3 (RGB), got {config.num_channels}")
-    if config.hidden_size % config.num_attention_heads:
-        raise ValueError(
-            f"{VIT_CONFIG_FILE}: hidden_size {config.hidden_size} is not a multiple of "
-            f"num_attention_heads {config.num_attention_heads}"
-        )
-    if config.position_grid < 1:
-        raise ValueError(f"{VIT_CONFIG_FILE}: image_size {config.image_size} is smaller than patch_size")
-    return config
+    known = {key: value for key, value in raw.items() if key in ViTConfig.model_fields}
+    values = {**base.model_dump(), **known} if base is not None else known
+    return _validate(ViTConfig, values, where=VIT_CONFIG_FILE)
 
 
 def _vit_config(name: str, overrides: Mapping[str, Any] | None) -> ViTConfig:
@@ -484,353 +489,110 @@ def _vit_config(name: str, overrides: Mapping[str, Any] | None) -> ViTConfig:
     return preset
 
 
-def _check_consistency(config: TripoSRConfig) -> None:
-    bb, vit = config.backbone, config.image_tokenizer.vit
-    checks = [
-        (
-            bb.in_channels == config.tokenizer.num_channels,
-            f"backbone.in_channels {bb.in_channels} != tokenizer.num_channels {config.tokenizer.num_channels}",
-        ),
-        (
-            bb.cross_attention_dim == vit.hidden_size,
-            f"backbone.cross_attention_dim {bb.cross_attention_dim} != the image encoder's hidden_size "
-            f"{vit.hidden_size}",
-        ),
-        (
-            bb.in_channels % bb.norm_num_groups == 0,
-            f"backbone.in_channels {bb.in_channels} is not a multiple of norm_num_groups {bb.norm_num_groups}",
-        ),
-        (
-            config.post_processor.in_channels == bb.in_channels,
-            f"post_processor.in_channels {config.post_processor.in_channels} != backbone.in_channels {bb.in_channels}",
-        ),
-        (
-            # feature_reduction concat: three planes side by side.
-            config.decoder.in_channels == 3 * config.post_processor.out_channels,
-            f"decoder.in_channels {config.decoder.in_channels} != 3 x post_processor.out_channels "
-            f"{config.post_processor.out_channels}",
-        ),
-        (
-            config.cond_image_size >= vit.patch_size,
-            f"cond_image_size {config.cond_image_size} is smaller than the encoder's patch_size {vit.patch_size}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Typed access to one block, with the key path in every message
-
-_T = TypeVar("_T")
-_Converter = Callable[[Any, str], _T]
+# Interpolation (OmegaConf) and validation errors (pydantic) as messages that name the key
 
 
-class _Block:
-    def __init__(self, path: str, raw: Any, *, ignore_unknown: bool = False) -> None:
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
-        self._path = path
-        self._raw = raw
-        self._seen: set[str] = set()
-        self._ignore_unknown = ignore_unknown
+def resolve_interpolations(tree: Mapping[Any, Any]) -> dict[Any, Any]:
+    r"""Return a plain copy of `tree` with its OmegaConf `${...}` interpolations resolved.
 
-    def _where(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def required(self, key: str, convert: _Converter[_T]) -> _T:
-        self._seen.add(key)
-        if key not in self._raw:
-            raise ValueError(f"missing key {self._where(key)}")
-        return convert(self._raw[key], self._where(key))
-
-    def optional(self, key: str, convert: _Converter[_T], default: _T) -> _T:
-        self._seen.add(key)
-        if key not in self._raw:
-            return default
-        return convert(self._raw[key], self._where(key))
-
-    def fixed(self, key: str, supported: object) -> None:
-        """An option Kiln implements at one value only: absent or equal to it."""
-        self._seen.add(key)
-        value = self._raw.get(key, supported)
-        if value != supported or type(value) is not type(supported):
-            raise ValueError(f"{self._where(key)} = {value!r} is not supported (only {supported!r})")
-
-    def block(self, key: str) -> _Block:
-        self._seen.add(key)
-        if key not in self._raw:
-            raise ValueError(f"missing block {self._where(key)}")
-        return _Block(self._where(key), self._raw[key])
-
-    def check_cls(self, key: str, expected: str) -> None:
-        """A `*_cls` entry names a reference class: only the published architecture is implemented."""
-        value = self.optional(key, _as_str, expected)
-        if value != expected:
-            raise ValueError(f"{self._where(key)} = {value!r} is not supported (only {expected!r})")
-
-    def positive_int(self, key: str) -> int:
-        return self.required(key, _as_positive_int)
-
-    def positive_float(self, key: str) -> float:
-        return self.required(key, _as_positive_float)
-
-    def float_(self, key: str) -> float:
-        return self.required(key, _as_float)
-
-    def string(self, key: str) -> str:
-        return self.required(key, _as_str)
-
-    def choice(self, key: str, supported: tuple[str, ...]) -> str:
-        value = self.required(key, _as_str)
-        if value not in supported:
-            raise ValueError(
-                f"{self._where(key)} = {value!r} is not supported (supported: {', '.join(map(repr, supported))})"
-            )
-        return value
-
-    def finish(self) -> None:
-        if self._ignore_unknown:
-            return
-        unknown = sorted(str(k) for k in self._raw if k not in self._seen)
-        if unknown:
-            raise ValueError(f"unknown key(s) in {self._path or 'config'}: {', '.join(unknown)}")
-
-
-def _as_int(value: Any, where: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-        return int(value)
-    raise ValueError(f"{where}: expected an integer, got {value!r}")
-
-
-def _as_positive_int(value: Any, where: str) -> int:
-    number = _as_int(value, where)
-    if number <= 0:
-        raise ValueError(f"{where}: expected a positive integer, got {number}")
-    return number
-
-
-def _as_optional_positive_int(value: Any, where: str) -> int | None:
-    return None if value is None else _as_positive_int(value, where)
-
-
-def _as_float(value: Any, where: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        # PyYAML (YAML 1.1) reads `1e-5` without a dot as a string; OmegaConf would convert it.
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
-    else:
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    if not math.isfinite(number):
-        raise ValueError(f"{where}: expected a finite number, got {value!r}")
-    return number
-
-
-def _as_positive_float(value: Any, where: str) -> float:
-    number = _as_float(value, where)
-    if number <= 0:
-        raise ValueError(f"{where}: expected a positive number, got {number}")
-    return number
-
-
-def _as_str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def _as_any(value: Any, where: str) -> Any:
-    return value
-
-
-def _as_bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------------
-# OmegaConf-style interpolation
-
-_Path = tuple[str, ...]
-
-
-def resolve_interpolations(tree: Mapping[str, Any]) -> dict[str, Any]:
-    r"""Return a copy of `tree` with OmegaConf-style `${...}` references replaced by their values.
-
-    A string that is exactly one reference takes the referenced value with its type (`${a.b}` -> 1024);
-    references inside a longer string are replaced by their text (`"x${a.b}"` -> `"x1024"`). Keys are
-    dotted paths from the root; leading dots make them relative (`${.k}` is a sibling, each further dot
-    goes one level up); list items are addressed by index. References may be nested (`${a.${b}}`) and
-    may point at values that are themselves references. `\${` stands for a literal `${`.
+    OmegaConf's semantics apply: a value that is exactly one reference keeps the referenced type, a
+    reference inside a longer string is replaced by its text, leading dots make a key relative, and
+    `\${` is a literal `${`. Resolvers (`${name:args}`) are refused.
 
     Args:
-        tree: A parsed YAML mapping.
+        tree: A parsed YAML mapping (a dict or OmegaConf's `DictConfig`).
 
     Returns:
-        The resolved tree (new dicts and lists; scalars shared).
+        The resolved tree as plain dicts and lists; `tree` itself is not modified.
 
     Raises:
-        ValueError: A reference is unknown, circular, malformed, uses a resolver, or embeds a
-            non-scalar value in a string.
+        ValueError: A reference is unknown, circular, malformed or calls a resolver; the message
+            starts with the key holding it.
     """
-    return _Resolver(tree).resolve_mapping((), tree)
+    try:
+        # `dict(config)` would resolve (and unescape) top-level values; a DictConfig is copied as it is.
+        config = OmegaConf.create(tree if isinstance(tree, DictConfig) else dict(tree))
+        _reject_resolvers(OmegaConf.to_container(config, resolve=False), "")
+        resolved = OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        full_key = getattr(exc, "full_key", None)
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, GrammarParseError):
+            first_line = f"malformed interpolation: {first_line}"
+        raise ValueError(f"{full_key}: {first_line}" if full_key else first_line) from None
+    return cast(dict[Any, Any], resolved)
 
 
-class _Resolver:
-    def __init__(self, root: Mapping[str, Any]) -> None:
-        self._root = root
-        self._done: dict[_Path, Any] = {}
-        self._active: list[_Path] = []
+def _reject_resolvers(node: Any, where: str) -> None:
+    """Refuse `${name:args}` anywhere in `node` (OmegaConf.create has already refused malformed interpolations)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _reject_resolvers(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _reject_resolvers(value, f"{where}.{index}")
+    elif isinstance(node, str) and "${" in node and _calls_resolver(parse(node)):
+        raise ValueError(f"{where}: {node!r} calls a resolver; only key references are supported (no resolvers)")
 
-    def resolve_mapping(self, path: _Path, node: Mapping[Any, Any]) -> dict[Any, Any]:
-        return {key: self.resolve_at((*path, str(key)), value) for key, value in node.items()}
 
-    def resolve_at(self, path: _Path, value: Any) -> Any:
-        if path in self._done:
-            return self._done[path]
-        if path in self._active:
-            cycle = " -> ".join(".".join(p) for p in [*self._active[self._active.index(path) :], path])
-            raise ValueError(f"circular interpolation: {cycle}")
-        self._active.append(path)
-        try:
-            if isinstance(value, Mapping):
-                result: Any = self.resolve_mapping(path, value)
-            elif isinstance(value, list):
-                result = [self.resolve_at((*path, str(i)), item) for i, item in enumerate(value)]
-            elif isinstance(value, str):
-                result = self._resolve_string(path, value)
-            else:
-                result = value
-        finally:
-            self._active.pop()
-        self._done[path] = result
-        return result
+def _calls_resolver(context: Any) -> bool:
+    if isinstance(context, OmegaConfGrammarParser.InterpolationResolverContext):
+        return True
+    children = getattr(context, "getChildren", None)  # parse-tree leaves (tokens) have none
+    return children is not None and any(_calls_resolver(child) for child in children())
 
-    def _resolve_string(self, path: _Path, text: str) -> Any:
-        if "${" not in text:
-            return text
-        pieces = _parse(text, ".".join(path))
-        if len(pieces) == 1 and isinstance(pieces[0], _Ref):
-            return self._value_of(path, pieces[0])  # whole-value interpolation keeps the type
-        out: list[str] = []
-        for piece in pieces:
-            if isinstance(piece, str):
-                out.append(piece)
-                continue
-            value = self._value_of(path, piece)
-            if isinstance(value, Mapping | list):
-                raise ValueError(
-                    f"{'.'.join(path)}: interpolation ${{{piece.source}}} inside a string refers to a "
-                    f"{type(value).__name__}, not a scalar"
-                )
-            out.append(str(value))
-        return "".join(out)
 
-    def _value_of(self, path: _Path, ref: _Ref) -> Any:
-        key_parts: list[str] = []
-        for piece in ref.pieces:
-            if isinstance(piece, str):
-                key_parts.append(piece)
-            else:
-                inner = self._value_of(path, piece)
-                if isinstance(inner, Mapping | list):
-                    raise ValueError(f"{'.'.join(path)}: nested interpolation ${{{piece.source}}} is not a scalar")
-                key_parts.append(str(inner))
-        key = "".join(key_parts).strip()
-        where = ".".join(path)
-        if not key or ":" in key:
-            raise ValueError(
-                f"{where}: interpolation ${{{ref.source}}} is not supported (only key references; no resolvers)"
-            )
-        target = self._locate(path, key, ref.source)
-        return self.resolve_at(*target)
+_Model = TypeVar("_Model", bound=BaseModel)
 
-    def _locate(self, path: _Path, key: str, source: str) -> tuple[_Path, Any]:
-        where = ".".join(path)
-        dots = len(key) - len(key.lstrip("."))
-        if dots:
-            # Relative: one dot is the mapping holding the referring value, each extra dot one level up.
-            if dots > len(path):
-                raise ValueError(f"{where}: interpolation ${{{source}}} climbs above the root")
-            base, rest = path[: len(path) - dots], key[dots:]
+# pydantic error types whose message is "expected <this>, got <input>".
+_EXPECTED: Final[Mapping[str, str]] = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+}
+
+
+def _validate(model: type[_Model], data: Any, *, where: str = "") -> _Model:
+    """`model.model_validate(data)`, with a `ValueError` naming each offending key instead of pydantic's."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message = _describe(exc)
+        raise ValueError(f"{where}: {message}" if where else message) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    unknown: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for error in exc.errors(include_url=False):
+        path = [str(part) for part in error["loc"]]
+        if error["type"] == "extra_forbidden":
+            unknown.setdefault(".".join(path[:-1]) or "config", []).append(path[-1])
         else:
-            base, rest = (), key
-        parts = [p for p in re.split(r"\.|\[(\d+)\]", rest) if p]
-        node: Any = self._root
-        for part in base:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        found: list[str] = list(base)
-        for part in parts:
-            if isinstance(node, str) and "${" in node:
-                node = self.resolve_at(tuple(found), node)  # walking through an alias of a block
-            if isinstance(node, Mapping) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                raise ValueError(f"{where}: interpolation ${{{source}}} refers to an unknown key {'.'.join(parts)!r}")
-            found.append(part)
-        return tuple(found), node
+            problems.append(_problem(".".join(path), error["type"], error["input"], error.get("ctx", {}), error["msg"]))
+    problems += [f"unknown key(s) in {block}: {', '.join(sorted(keys))}" for block, keys in unknown.items()]
+    return "; ".join(problems)
 
 
-@dataclass(frozen=True)
-class _Ref:
-    source: str
-    pieces: tuple[str | _Ref, ...]
-
-
-def _parse(text: str, where: str) -> list[str | _Ref]:
-    """Split `text` into literal text and references; references may nest."""
-    pieces, end = _parse_until(text, 0, where, closing=False)
-    assert end == len(text)
-    # Merge adjacent literals (escapes split them).
-    merged: list[str | _Ref] = []
-    for piece in pieces:
-        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
-            merged[-1] += piece
-        elif piece != "":
-            merged.append(piece)
-    return merged
-
-
-def _parse_until(text: str, start: int, where: str, *, closing: bool) -> tuple[list[str | _Ref], int]:
-    pieces: list[str | _Ref] = []
-    literal: list[str] = []
-    i = start
-    while i < len(text):
-        if text.startswith("\\${", i):
-            literal.append("${")
-            i += 3
-        elif text.startswith("${", i):
-            if literal:
-                pieces.append("".join(literal))
-                literal = []
-            inner, end = _parse_until(text, i + 2, where, closing=True)
-            pieces.append(_Ref(text[i + 2 : end - 1], tuple(inner)))
-            i = end
-        elif closing and text[i] == "}":
-            if literal:
-                pieces.append("".join(literal))
-            return pieces, i + 1
-        else:
-            literal.append(text[i])
-            i += 1
-    if closing:
-        raise ValueError(f"{where}: unterminated interpolation in {text!r}")
-    if literal:
-        pieces.append("".join(literal))
-    return pieces, i
+def _problem(where: str, kind: str, value: Any, ctx: Mapping[str, Any], fallback: str) -> str:
+    if kind == "missing":
+        return f"missing key {where}"
+    if kind == "literal_error":
+        return f"{where} = {value!r} is not supported (supported: {ctx['expected']})"
+    if kind == "none_required":
+        return f"{where} = {value!r} is not supported (only None)"
+    if kind == "model_type":
+        return f"{where}: expected a mapping, got {type(value).__name__}"
+    if kind == "greater_than":
+        noun = "number" if isinstance(ctx["gt"], float) else "integer"
+        return f"{where}: expected a positive {noun}, got {value!r}"
+    if kind in _EXPECTED:
+        return f"{where}: expected {_EXPECTED[kind]}, got {value!r}"
+    text = str(ctx["error"]) if kind == "value_error" else fallback
+    return f"{where}: {text}" if where else text

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-# Crockford base32: no I, L, O, U, so ids survive being read aloud or retyped.
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_JOB_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+from ulid import PureRandomPolicy, ULIDGenerator
+
+# A ULID's canonical spelling: 26 upper-case Crockford base-32 digits (no I, L, O, U), the
+# first at most 7 because the value has 128 bits. python-ulid's parser also takes lower case,
+# which would give one job two folder names, so the path rule stays this allow-list.
+_JOB_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
+# Fresh randomness for every id, as ULIDs had before the library: its default generator counts
+# up within a millisecond, which would make a job's id tell the next one's.
+_JOB_IDS = ULIDGenerator(policy=PureRandomPolicy())
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: The job's own record (kiln_runtime.job_api) beside its artifacts; not an artifact itself.
 JOB_RECORD_NAME = "job.json"
@@ -36,15 +41,8 @@ class ArtifactNotFound(LookupError):
 
 
 def new_job_id() -> str:
-    """A fresh ULID-style job id, so that job folders list in creation order."""
-    millis = time.time_ns() // 1_000_000
-    # 48-bit timestamp then 80 random bits: 128 bits in 26 base32 digits, the top 2 always zero.
-    value = (millis & (2**48 - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
-    digits = []
-    for _ in range(26):
-        value, digit = divmod(value, 32)
-        digits.append(_CROCKFORD[digit])
-    return "".join(reversed(digits))
+    """A fresh ULID (48-bit millisecond time, 80 random bits), so job folders list in creation order."""
+    return str(_JOB_IDS.generate())
 
 
 def validate_job_id(job_id: str) -> str:
