@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from kiln_runtime.principal import PRINCIPAL_HEADER
 
+from .envoy_types import typed as _typed
 from .settings import AUTH_SERVICES, GatewaySettings
 
 #: The Lua filter's name; its route metadata lives under the same name.
@@ -350,10 +351,6 @@ def _lua_source(settings: GatewaySettings) -> str:
     lines = [f"local {name} = {_lua_string(value)}" for name, value in constants.items()]
     lines.append(f"local KEYS_RELOAD_S = {KEYS_RELOAD_S}")
     return "\n".join(lines) + "\n" + AUTH_LUA.lstrip()
-
-
-def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
-    return {"@type": f"type.googleapis.com/{type_name}", **fields}
 
 
 def _jwks_source(settings: GatewaySettings) -> dict[str, Any]:

@@ -28,10 +28,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from kiln_runtime.principal import PRINCIPAL_HEADER
 
+from .envoy_types import typed
 from .settings import GatewaySettings
 
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
-_RATE_LIMIT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+_RATE_LIMIT_TYPE = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 RATE_LIMIT_STAT_PREFIX = "kiln_rate_limit"
 RATE_LIMITED_REASON = "RATE_LIMITED"
 RATE_LIMITED_DOMAIN = "gateway.kiln.dev"
@@ -132,7 +133,7 @@ def _rate_limit_config(settings: GatewaySettings) -> dict[str, Any]:
     retry_after = str(max(1, math.ceil(retry_after_s(settings))))
     details = base64.b64encode(rate_limited_status(settings).SerializeToString(deterministic=True)).decode()
     return {
-        "@type": _RATE_LIMIT_TYPE,
+        **typed(_RATE_LIMIT_TYPE),
         "stat_prefix": RATE_LIMIT_STAT_PREFIX,
         # Used only by a request that matches no descriptor, which the rules below never produce.
         "token_bucket": bucket,
@@ -182,10 +183,10 @@ def _escaped_slash_mapper() -> dict[str, Any]:
         "filter": {
             "extension_filter": {
                 "name": "envoy.access_loggers.extension_filters.cel",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                    "expression": "response.code_details == 'path_normalization_failed'",
-                },
+                "typed_config": typed(
+                    "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    expression="response.code_details == 'path_normalization_failed'",
+                ),
             }
         },
         "body_format_override": {"json_format": {"code": code_pb2.INVALID_ARGUMENT, "message": ESCAPED_SLASH_MESSAGE}},
@@ -277,11 +278,11 @@ def apply_to_routes(settings: GatewaySettings, routes: list[dict[str, Any]]) -> 
             # A per-route config without filter_enabled turns the filter off on this route (Envoy
             # insists on a bucket all the same): the page loads even for a principal that used up
             # its requests.
-            off = {
-                "@type": _RATE_LIMIT_TYPE,
-                "stat_prefix": f"{RATE_LIMIT_STAT_PREFIX}_static",
-                "token_bucket": _token_bucket(settings),
-            }
+            off = typed(
+                _RATE_LIMIT_TYPE,
+                stat_prefix=f"{RATE_LIMIT_STAT_PREFIX}_static",
+                token_bucket=_token_bucket(settings),
+            )
             route["typed_per_filter_config"] = {**route.get("typed_per_filter_config", {}), RATE_LIMIT_FILTER: off}
         result.append(route)
     return result
@@ -331,11 +332,10 @@ def bootstrap_fields(settings: GatewaySettings) -> dict[str, Any]:
     monitors: list[dict[str, Any]] = [
         {
             "name": MAX_CONNECTIONS,
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
-                "DownstreamConnectionsConfig",
-                "max_active_downstream_connections": hardening.max_downstream_connections,
-            },
+            "typed_config": typed(
+                "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                max_active_downstream_connections=hardening.max_downstream_connections,
+            ),
         }
     ]
     actions: list[dict[str, Any]] = []
@@ -343,10 +343,10 @@ def bootstrap_fields(settings: GatewaySettings) -> dict[str, Any]:
         monitors.append(
             {
                 "name": FIXED_HEAP,
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
-                    "max_heap_size_bytes": hardening.max_heap_bytes,
-                },
+                "typed_config": typed(
+                    "envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    max_heap_size_bytes=hardening.max_heap_bytes,
+                ),
             }
         )
         actions = [

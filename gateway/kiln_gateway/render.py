@@ -26,6 +26,7 @@ from kiln_client.limits import max_json_request_bytes, retry_buffer_bytes
 from kiln_runtime.errors import RETRIABLE_HEADER
 
 from . import auth, edge, tls
+from .envoy_types import typed as _typed
 from .settings import PLACEHOLDER_WEB_ROOT, GatewaySettings
 
 
@@ -89,10 +90,6 @@ def _seconds(value: float) -> str:
 
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
-
-
-def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
-    return {"@type": f"type.googleapis.com/{type_name}", **fields}
 
 
 def _cors_policy(settings: GatewaySettings) -> dict[str, Any]:

@@ -11,10 +11,11 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
+from .envoy_types import typed
 from .settings import GatewaySettings
 
 TLS_SOCKET = "envoy.transport_sockets.tls"
-_TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+_TLS_TYPES = "envoy.extensions.transport_sockets.tls.v3."
 #: Browsers get HTTP/2 (one connection, many streams) and everything else falls back to
 #: HTTP/1.1; the listener's codec stays AUTO and follows what ALPN chose.
 DOWNSTREAM_ALPN = ["h2", "http/1.1"]
@@ -31,7 +32,7 @@ def _certificate(cert: Path, key: Path) -> dict[str, Any]:
 
 
 def _socket(type_name: str, **fields: Any) -> dict[str, Any]:
-    return {"name": TLS_SOCKET, "typed_config": {"@type": _TLS_TYPES + type_name, **fields}}
+    return {"name": TLS_SOCKET, "typed_config": typed(_TLS_TYPES + type_name, **fields)}
 
 
 def downstream_transport_socket(settings: GatewaySettings) -> dict[str, Any] | None:
